@@ -1,0 +1,50 @@
+# The book's two commands: `make book` and `make test`. Both create the virtual environment on first use.
+# VENV may point elsewhere (CI keeps it in a cache folder keyed by the dependency list).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-pruning-book
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SIZE ?= default
+
+.PHONY: book test setup data chapters html chapter clean
+
+book: setup data chapters html  ## execute every chapter at its default size and build the HTML
+
+test: setup data  ## unit tests, every chapter at smoke size (papermill), then nbval on the executed copies
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval-lax -p no:cacheprovider build/smoke
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (pruning book)" >/dev/null
+	@touch $@
+
+# Fashion-MNIST: Debian's package where apt-get is available (as root), else torchvision's download, visibly.
+data:
+	@if [ -f $(FASHION) ]; then echo "Fashion-MNIST: $(FASHION)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Fashion-MNIST: installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST: no apt-get as root here; downloading it with torchvision"; \
+		$(PY) -c "from pruning_utils import data; data.load('fashion-mnist', 'train', download=True); data.load('fashion-mnist', 'test', download=True)"; \
+	fi
+
+chapters:
+	$(PY) -m pruning_utils.chapters --size $(SIZE) book/chapters
+
+html:
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+# Re-run one chapter with its own parameters, e.g. make chapter NB=01_decision_tree_pruning ARGS="-p seed 1"
+chapter: setup data
+	$(VENV)/bin/papermill notebooks/$(NB).ipynb book/chapters/$(NB).ipynb -k python3 $(ARGS)
+
+clean:
+	rm -rf _build build book/chapters

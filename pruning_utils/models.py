@@ -1,0 +1,146 @@
+"""The book's models, plain ``nn.Module``s with named submodules so a chapter can address a layer by name.
+
+- :class:`LeNet5` exactly as printed in paper 000 (chapters 0, 1, 5);
+- :class:`LeNet300100`, the fully connected net of the neuron-merging paper (chapters 0, 4);
+- :class:`CifarResNet`, the CIFAR-style ResNet of depth 6n+2 (ResNet-8/14/20/32/56; chapters 0, 2, 3, 4, 5).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .params import ParameterError, check_choice
+
+RESNET_DEPTHS = (8, 14, 20, 32, 56)
+
+
+class LeNet5(nn.Module):
+    """LeNet5 of paper 000: c1-relu1-s2-c3-relu3-s4-c5-relu5 then f6-relu6-f7-sig7 (LogSoftmax).
+
+    Takes 1x32x32 images (MNIST padded by 2); relu1, relu3, relu5 give 6x28x28, 16x10x10, 120x1x1 maps.
+    The output is log-probabilities; ``F.cross_entropy`` on it equals the NLL loss, since
+    log_softmax is idempotent.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.convnet = nn.Sequential(OrderedDict([
+            ("c1", nn.Conv2d(in_channels, 6, kernel_size=5)),
+            ("relu1", nn.ReLU()),
+            ("s2", nn.MaxPool2d(kernel_size=2, stride=2)),
+            ("c3", nn.Conv2d(6, 16, kernel_size=5)),
+            ("relu3", nn.ReLU()),
+            ("s4", nn.MaxPool2d(kernel_size=2, stride=2)),
+            ("c5", nn.Conv2d(16, 120, kernel_size=5)),
+            ("relu5", nn.ReLU()),
+        ]))
+        self.fc = nn.Sequential(OrderedDict([
+            ("f6", nn.Linear(120, 84)),
+            ("relu6", nn.ReLU()),
+            ("f7", nn.Linear(84, num_classes)),
+            ("sig7", nn.LogSoftmax(dim=-1)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convnet(x).flatten(1))
+
+
+class LeNet300100(nn.Module):
+    """LeNet-300-100: fc1 (784->300) relu1 fc2 (300->100) relu2 fc3 (100->classes), on flattened images."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(in_features, 300)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(300, 100)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.fc1(self.flatten(x)))
+        return self.fc3(self.relu2(self.fc2(x)))
+
+
+class BasicBlock(nn.Module):
+    """conv1-bn1-relu1-conv2-bn2, plus the shortcut (1x1 conv + BN where the shape changes), then relu2."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)),
+                ("bn", nn.BatchNorm2d(planes)),
+            ]))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of He et al. (2016), depth 6n+2: conv1-bn1-relu, layer1..3 of n blocks, avgpool, fc.
+
+    ``width`` is the first stage's channel count (16 in the original); stages have width, 2w, 4w.
+    :meth:`features` returns the fc layer's input, the final-layer features of chapter 3.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        check_choice("depth", depth, RESNET_DEPTHS)
+        if width < 1:
+            raise ParameterError(f"width={width!r} is not allowed; expected an int >= 1")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        planes = [width, 2 * width, 4 * width]
+        self.layer1 = self._stage(width, planes[0], n, stride=1)
+        self.layer2 = self._stage(planes[0], planes[1], n, stride=2)
+        self.layer3 = self._stage(planes[1], planes[2], n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(planes[2], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_planes, planes, n, stride):
+        blocks = [BasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1) for i in range(n)]
+        return nn.Sequential(*blocks)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the final linear layer (after global average pooling; >= 0)."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+MODELS = ("lenet5", "lenet300100", "resnet")
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """A model by name: 'lenet5', 'lenet300100' or 'resnet' (kwargs: depth, width, in_channels, num_classes)."""
+    check_choice("model", name, MODELS)
+    cls = {"lenet5": LeNet5, "lenet300100": LeNet300100, "resnet": CifarResNet}[name]
+    return cls(**kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (weights and biases; BatchNorm's affine ones included)."""
+    return sum(p.numel() for p in model.parameters())
