@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import bar
 
 from .params import ParameterError, check_choice
 
@@ -54,7 +54,7 @@ def channel_scores(model: nn.Module, x: torch.Tensor, layers: list[str], how: st
     model.eval().to(device)
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     with hooked(model, layers) as store:
-        for i in tqdm(range(0, len(x), batch_size), desc="activations", disable=not progress, leave=False):
+        for i in bar(range(0, len(x), batch_size), desc="activations", disable=not progress, leave=False):
             model(x[i:i + batch_size].to(device))
             for name in layers:
                 maps = store[name].cpu()

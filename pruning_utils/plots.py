@@ -1,8 +1,17 @@
-"""Figures shared by the chapters. Each returns a matplotlib Figure (not shown by pyplot) to glue."""
+"""Figures shared by the chapters. Each returns a matplotlib Figure, made without pyplot, for myst-nb's
+``glue`` (a notebook runs ``%matplotlib inline`` once, so that IPython can render a Figure as PNG)."""
 from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
+
+
+DPI = 110
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """An empty figure of ``width`` x ``height`` inches with constrained layout."""
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -16,7 +25,7 @@ def smooth(values, window: int) -> np.ndarray:
 
 def training_curves(histories: dict[str, dict], window: int = 20) -> Figure:
     """Training loss (smoothed) and test accuracy against epochs, one line per model."""
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    fig = new_figure(10, 3.6)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for label, h in histories.items():
         per_epoch = len(h["step"]) / len(h["epoch"])
@@ -30,4 +39,71 @@ def training_curves(histories: dict[str, dict], window: int = 20) -> Figure:
     ax_acc.legend(loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+    return fig
+
+
+def curves_grid(panels: dict[str, dict[str, tuple]], xlabel: str, ylabel: str, ncols: int | None = None,
+                panel_size: tuple[float, float] = (3.6, 3.0)) -> Figure:
+    """One panel per entry; each panel draws lines ``label -> (x, y)`` or ``(x, y, matplotlib kwargs)``."""
+    ncols = ncols or len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, line in lines.items():
+            x, y, *style = line
+            ax.plot(x, y, label=label, **(style[0] if style else {"marker": "o"}))
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize="small")
+    return fig
+
+
+def bars_grid(panels: dict[str, np.ndarray], xlabel: str, ylabel: str, ncols: int | None = None,
+              ticklabels: list[str] | None = None, panel_size: tuple[float, float] = (3.6, 2.8),
+              sharey: bool = False) -> Figure:
+    """One bar chart per entry, bars in the given order."""
+    ncols = ncols or len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)).ravel()
+    for ax, (title, values) in zip(axes, panels.items()):
+        pos = np.arange(len(values))
+        ax.bar(pos, values)
+        if ticklabels is not None:
+            ax.set_xticks(pos, ticklabels, fontsize="x-small")
+        ax.set(title=title, xlabel=xlabel)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(ylabel)
+    return fig
+
+
+def feature_maps(maps: dict[str, np.ndarray], max_maps: int = 16) -> Figure:
+    """Activation maps of one image, a row per layer; 1x1 maps are shown together as one tile."""
+    rows = list(maps.items())
+    ncols = max(min(m.shape[0], max_maps) if m.shape[-1] > 1 else 1 for _, m in rows)
+    fig = new_figure(1.2 * ncols, 1.4 * len(rows))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, (name, m) in enumerate(rows):
+        if m.shape[-1] == 1:  # e.g. 120 maps of 1x1: one tile, a pixel per map
+            flat = m.reshape(-1)
+            side = int(np.ceil(np.sqrt(len(flat))))
+            tiles = [np.pad(flat, (0, side * side - len(flat))).reshape(side, side)]
+        else:
+            tiles = list(m[:max_maps])
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(tiles):
+                ax.imshow(tiles[c], cmap="viridis")
+            else:
+                ax.set_visible(False)
+        axes[r, 0].set_ylabel(name, fontsize="small")
     return fig

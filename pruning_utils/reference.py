@@ -11,3 +11,11 @@ BASELINES = {
                  "paper_data": "CIFAR-10, 50,000 train / 10,000 test",
                  "source": "paper 002, Tables 1 and 2 (A_f)"},
 }
+
+# Paper 000, Table 1: test accuracy of trees on mean filter scores; the paper's conv1..conv3 are the
+# outputs of relu1, relu3, relu5.
+DECISION_TREES = {
+    "single": {"conv1": 0.4495, "conv2": 0.763, "conv3": 0.7805},
+    "xgboost": {"conv1": 0.5365, "conv2": 0.902, "conv3": 0.9295},
+    "lenet5_acc": 0.9907,
+}

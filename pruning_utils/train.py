@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import bar
 
 from . import data as data_mod
 from . import models
@@ -178,7 +178,7 @@ def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cf
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch)
     history = {"step": [], "loss": [], "epoch": [], "train_acc": [], "test_acc": []}
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    pbar = bar(total=cfg.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -198,13 +198,13 @@ def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cf
             correct += (out.argmax(1) == y).sum().item()
             history["step"].append(step)
             history["loss"].append(loss.item())
-            bar.update()
+            pbar.update()
         history["epoch"].append(epoch)
         history["train_acc"].append(correct / len(train))
         evaluate = test is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs)
         history["test_acc"].append(accuracy(model, test, device=device) if evaluate else float("nan"))
-        bar.set_postfix(test_acc=f"{history['test_acc'][-1]:.4f}")
-    bar.close()
+        pbar.set_postfix(test_acc=f"{history['test_acc'][-1]:.4f}")
+    pbar.close()
     model.to("cpu", memory_format=torch.contiguous_format).eval()
     return history
 
