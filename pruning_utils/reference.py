@@ -19,3 +19,61 @@ DECISION_TREES = {
     "xgboost": {"conv1": 0.5365, "conv2": 0.902, "conv3": 0.9295},
     "lenet5_acc": 0.9907,
 }
+
+# Paper 002 (chapter 3). ResNet-20 on CIFAR-10 (Sec. 5.2.1 and 5.2.3); A_f is 91.17 in Sec. 5.2.1 and 91.71 in
+# Sec. 5.2.3; the retraining range 91.3-91.6 is REFERENCE.md's, the paper's text gives 91.51.
+CLASS_FILTERS = {
+    "A_f": (0.9117, 0.9171),
+    "A_d_k2_3": 0.8416,  # k2 = 3, Sec. 5.2.1 (against A_f 91.17)
+    "A_d_k5": 0.8859,  # k1 = k2 = 5, Sec. 5.2.3 (against A_f 91.71)
+    "retrained": 0.9151,  # one epoch, Adam lr 1e-4, the decomposed layer only
+    "retrained_range": (0.913, 0.916),
+    "k1_mass90": 5,  # k1 covering 90% of the mass on CIFAR-10 (50 on ImageNet), Sec. 4.4
+    "d": 64, "n_classes": 10, "retrain_lr": 1e-4, "retrain_epochs": 1,
+    "source": "paper 002, Sec. 4.4, 5.2.1, 5.2.3",
+}
+
+# Paper 002, Tables 2-6: ImageNet, k1 = k2 = 50; (model, depth or number of layers, r_A) per family.
+CLASS_FILTERS_IMAGENET = {
+    "ResNet": [("ResNet50", 50, 0.869131), ("ResNet101", 101, 0.89706), ("ResNet152", 152, 0.900434)],
+    "Wide ResNet": [("WRN50", 50, 0.970902), ("WRN101", 101, 0.975356)],
+    "DenseNet 121/169": [("DenseNet121", 121, 0.885541), ("DenseNet169", 169, 0.899314)],
+    "DenseNet 161/201": [("DenseNet161", 161, 0.898921), ("DenseNet201", 201, 0.91501)],
+    "EfficientNet": [("b0", 82, 0.852122), ("b1", 116, 0.922348), ("b2", 116, 0.882989), ("b3", 131, 0.842892)],
+}
+
+# Paper 004 is a proposal and reports no numbers. Chapter 5 sets ours beside the nearest published ones
+# (REFERENCE.md, section 5 and "Tools with the same job").
+CAUSAL_PRUNING = {
+    "cexcnn": {"model": "LeNet with 20 and 50 conv filters, MNIST", "base_acc": 0.9933,
+               "kept": {"conv1": (7, 20), "conv2": (22, 50)}, "acc_no_finetune": 0.9414,
+               "source": "Debbi 2021 (CexCNN): filters deleted by the drop of the top-class probability"},
+    "torch_pruning_resnet56": {"model": "ResNet-56, CIFAR-10", "base_acc": 0.9353, "pruned_acc": 0.9346,
+                               "mac_speedup": 2.11,
+                               "source": "Torch-Pruning (DepGraph), without sparse training"},
+}
+
+# Chapter 4, paper 003: Kim et al. (2020), Table 1 and its reference code, as the reproducibility report
+# (Cserkuti et al. 2021) and REFERENCE.md section 4 give them. Accuracies as fractions.
+NEURON_MERGING = {
+    "lenet300100_acc": 0.8980,
+    "lenet300100_l1": {0.5: {"prune": 0.8840, "merge": 0.8869}, 0.6: {"prune": 0.8517, "merge": 0.8692},
+                       0.7: {"prune": 0.7126, "merge": 0.8275}, 0.8: {"prune": 0.6676, "merge": 0.8002}},
+    "vgg16_cifar10": {"baseline": 0.9370, "prune": 0.8870, "merge": 0.9316, "criterion": "l1"},
+    "thresholds": {"lenet300100": 0.45, "vgg16": 0.1, "resnet56": 0.1},
+    "lam": {"vgg16": 0.85, "resnet56": 0.85},
+    "s_reversed_drop": -0.04,  # the report: accuracy about 4% lower on average with s reversed
+    "loop_slowdown": {"fully connected": 346, "convolutional": 18},  # the report's loop re-implementation
+    "source": "Kim et al. 2020 Table 1 (LeNet-300-100, FashionMNIST, no fine-tuning) and its VGG-16 result; "
+              "reference scripts for thresholds and lambda; report sections 3.1-3.2",
+}
+
+# Paper 001 (chapter 2): ResNet-50 on ImageNet, IMP with rewinding, network dissection of the last four
+# layers (2,048 units) on Broden.
+DISSECTION = {
+    "units": 2048, "rate": 0.2, "quantile": 0.005, "cutoff_paper": 0.05, "cutoff_code": 0.04,
+    "acc_matches_down_to": 0.168,  # share of weights remaining with accuracy equal to the dense net's
+    "acc_drop_at_10pct": 0.01,  # about one point lost at 10% of the weights
+    "still_interpretable_at_89": 0.80, "same_concept_at_89": 0.70,
+    "source": "paper 001, Sec. 1 (pruning methodology), Sec. 2 (Figs. 1-4)",
+}
