@@ -137,7 +137,7 @@ _CAUSAL_DEFAULT = {"seed": 0, "device": "auto", "download": False, "threads": 1,
                    "random_rankings": 3, "finetune_epochs": 1, "finetune_images": 1000,
                    "resnet_finetune_images": 256, "resnet_eval_images": 500, "dowhy_layer": "c3",
                    "refuted_filters": 3, "refute_simulations": 10, "latency_fractions": [0.0, 0.25, 0.5, 0.75],
-                   "latency_repeats": 7}
+                   "latency_repeats": 20}
 
 CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
     {
