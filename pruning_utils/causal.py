@@ -26,6 +26,7 @@ from torch import nn
 
 from . import activations, prune
 from .params import ParameterError, check_choice
+from .plots import label_grid, panel_grid
 from .progress import bar
 
 INTERVENTIONS = ("zero", "mean")
@@ -443,12 +444,7 @@ def effects_figure(panels: Mapping[str, Mapping[str, tuple]], ylabel: str, ncols
                    panel_size: tuple[float, float] = (3.8, 3.0)):
     """One panel per layer: each series ``label -> (effect, lo, hi)`` per filter, as points with interval
     bars, filters sorted by the first series (most important on the right)."""
-    from .plots import new_figure
-
-    ncols = ncols or len(panels)
-    nrows = -(-len(panels) // ncols)
-    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = panel_grid(len(panels), ncols, panel_size)
     for ax, (title, series) in zip(axes, panels.items()):
         order = None
         for s, (label, (eff, lo, hi)) in enumerate(series.items()):
@@ -458,13 +454,8 @@ def effects_figure(panels: Mapping[str, Mapping[str, tuple]], ylabel: str, ncols
             ax.errorbar(pos, eff[order], yerr=[eff[order] - lo[order], hi[order] - eff[order]], fmt="o",
                         markersize=3, capsize=0, elinewidth=0.8, label=label)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set(title=title, xlabel="filters, sorted by the first series")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[::ncols]:
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize="small")
+        ax.set_title(title)
+    label_grid(axes, "filters, sorted by the first series", ylabel, ncols)
     return fig
 
 
@@ -472,12 +463,7 @@ def scatter_figure(panels: Mapping[str, Mapping[str, tuple]], xlabel: str, ylabe
                    ncols: int | None = None, panel_size: tuple[float, float] = (3.6, 3.2)):
     """One panel per entry, each series ``label -> (x, y)`` or ``(x, y, ylo, yhi)`` as points (with
     vertical interval bars); ``diagonal`` draws y = x."""
-    from .plots import new_figure
-
-    ncols = ncols or len(panels)
-    nrows = -(-len(panels) // ncols)
-    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = panel_grid(len(panels), ncols, panel_size)
     for ax, (title, series) in zip(axes, panels.items()):
         values = []
         for label, pts in series.items():
@@ -491,11 +477,6 @@ def scatter_figure(panels: Mapping[str, Mapping[str, tuple]], xlabel: str, ylabe
         if diagonal and values:
             lo, hi = min(v.min() for v in values), max(v.max() for v in values)
             ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.7, linestyle="--", label="y = x")
-        ax.set(title=title, xlabel=xlabel)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[::ncols]:
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize="small")
+        ax.set_title(title)
+    label_grid(axes, xlabel, ylabel, ncols)
     return fig

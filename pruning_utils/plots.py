@@ -42,24 +42,41 @@ def training_curves(histories: dict[str, dict], window: int = 20) -> Figure:
     return fig
 
 
+def panel_grid(n_panels: int, ncols: int | None = None, panel_size: tuple[float, float] = (3.6, 3.0),
+               sharey: bool = False) -> tuple[Figure, list]:
+    """A figure with one axes per panel in rows of ``ncols`` (spare axes hidden); returns (fig, axes)."""
+    ncols = ncols or n_panels
+    nrows = -(-n_panels // ncols)
+    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n_panels])
+
+
+def label_grid(axes: list, xlabel: str, ylabel: str, ncols: int | None = None, legend: bool = True,
+               grid: bool = True) -> None:
+    """x labels on every panel, y labels on the first panel of each row, a legend on the first panel."""
+    for i, ax in enumerate(axes):
+        ax.set_xlabel(xlabel)
+        if grid:
+            ax.grid(alpha=0.3)
+        if i % (ncols or len(axes)) == 0:
+            ax.set_ylabel(ylabel)
+    if legend:
+        axes[0].legend(fontsize="small")
+
+
 def curves_grid(panels: dict[str, dict[str, tuple]], xlabel: str, ylabel: str, ncols: int | None = None,
                 panel_size: tuple[float, float] = (3.6, 3.0)) -> Figure:
     """One panel per entry; each panel draws lines ``label -> (x, y)`` or ``(x, y, matplotlib kwargs)``."""
-    ncols = ncols or len(panels)
-    nrows = -(-len(panels) // ncols)
-    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    fig, axes = panel_grid(len(panels), ncols, panel_size, sharey=True)
     for ax, (title, lines) in zip(axes, panels.items()):
         for label, line in lines.items():
             x, y, *style = line
             ax.plot(x, y, label=label, **(style[0] if style else {"marker": "o"}))
-        ax.set(title=title, xlabel=xlabel)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[::ncols]:
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize="small")
+        ax.set_title(title)
+    label_grid(axes, xlabel, ylabel, ncols)
     return fig
 
 
@@ -67,20 +84,14 @@ def bars_grid(panels: dict[str, np.ndarray], xlabel: str, ylabel: str, ncols: in
               ticklabels: list[str] | None = None, panel_size: tuple[float, float] = (3.6, 2.8),
               sharey: bool = False) -> Figure:
     """One bar chart per entry, bars in the given order."""
-    ncols = ncols or len(panels)
-    nrows = -(-len(panels) // ncols)
-    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)).ravel()
+    fig, axes = panel_grid(len(panels), ncols, panel_size, sharey=sharey)
     for ax, (title, values) in zip(axes, panels.items()):
         pos = np.arange(len(values))
         ax.bar(pos, values)
         if ticklabels is not None:
             ax.set_xticks(pos, ticklabels, fontsize="x-small")
-        ax.set(title=title, xlabel=xlabel)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[::ncols]:
-        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+    label_grid(axes, xlabel, ylabel, ncols, legend=False, grid=False)
     return fig
 
 
