@@ -41,7 +41,7 @@ CHAPTERS: dict[str, tuple[dict[str, Param], dict[str, dict]]] = {
 
 _TREES_DEFAULT = {"seed": 0, "device": "auto", "download": False, "dataset": None,
                   "layers": ["relu1", "relu3", "relu5"], "aggregation": "mean", "topk": 5,
-                  "tree_backend": "xgboost", "n_estimators": 500, "pruning_steps": 12, "histogram_layer": "relu3",
+                  "tree_backend": "xgboost", "tree_depth": None, "n_estimators": 500, "pruning_steps": 12, "histogram_layer": "relu3",
                   "compare_estimators": 100, "cnn_fractions": [0.0, 0.25, 0.5, 0.75, 0.9],
                   "random_rankings": 3, "finetune_epochs": 1, "max_images": None}
 
@@ -54,6 +54,7 @@ CHAPTERS["decision_trees"] = (  # chapter 1, paper 000
         "aggregation": Param("how a map becomes one score", choices=("mean", "max", "topk")),
         "topk": Param("k of the top-k mean", int, lo=1),
         "tree_backend": Param("single tree: one XGBoost round or a CART tree", choices=("xgboost", "cart")),
+        "tree_depth": Param("tree depth; None: the paper's rule round(log2 n)", int, lo=1, optional=True),
         "n_estimators": Param("boosting rounds of the XGBoost model", int, lo=1),
         "pruning_steps": Param("points on each pruning curve", int, lo=2),
         "histogram_layer": Param("layer of the class histograms (Fig. 2)", choices=("relu1", "relu3", "relu5")),

@@ -59,15 +59,15 @@ def removal_orders(importance: np.ndarray) -> dict[str, np.ndarray]:
 
 def pruning_curve(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                   order: np.ndarray, steps: int = 10, seed: int = 0, backend: str = "xgboost",
-                  n_estimators: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Remove features in ``order``, refit a tree on the rest at each step (depth by the rule on what is
-    left); return the fractions removed and the test accuracies."""
+                  n_estimators: int = 1, max_depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove features in ``order``, refit a tree on the rest at each step (depth ``max_depth``, or by the
+    rule on what is left when None); return the fractions removed and the test accuracies."""
     n = x_train.shape[1]
     removed = np.unique(np.linspace(0, n - 1, min(steps, n)).round().astype(int))
     accs = []
     for k in removed:
         keep = np.sort(order[k:])
-        model = fit_trees(x_train[:, keep], y_train, n_estimators, None, seed, backend)
+        model = fit_trees(x_train[:, keep], y_train, n_estimators, max_depth, seed, backend)
         accs.append(accuracy(model, x_test[:, keep], y_test))
     return removed / n, np.array(accs)
 
@@ -81,13 +81,15 @@ def top_map_counts(scores: np.ndarray, labels: np.ndarray, num_classes: int, ran
 
 
 def layer_study(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                n_estimators: int = 500, steps: int = 10, seed: int = 0, backend: str = "xgboost") -> dict:
+                n_estimators: int = 500, steps: int = 10, seed: int = 0, backend: str = "xgboost",
+                max_depth: int | None = None) -> dict:
     """Paper 000 on one layer's filter scores: single-tree and XGBoost test accuracy (Table 1), the
-    XGBoost gain per filter (Fig. 3), and best- and worst-case pruning curves of a single tree (Fig. 4)."""
-    single = fit_trees(x_train, y_train, 1, None, seed, backend)
-    boosted = fit_trees(x_train, y_train, n_estimators, None, seed)
+    XGBoost gain per filter (Fig. 3), and best- and worst-case pruning curves of a single tree (Fig. 4).
+    Trees have depth ``max_depth``, or the paper's rule round(log2 n) when None."""
+    single = fit_trees(x_train, y_train, 1, max_depth, seed, backend)
+    boosted = fit_trees(x_train, y_train, n_estimators, max_depth, seed)
     gain = gain_importance(boosted, x_train.shape[1])
-    curves = {case: pruning_curve(x_train, y_train, x_test, y_test, order, steps, seed, backend)
+    curves = {case: pruning_curve(x_train, y_train, x_test, y_test, order, steps, seed, backend, 1, max_depth)
               for case, order in removal_orders(gain).items()}
-    return {"depth": depth_for(x_train.shape[1]), "single_acc": accuracy(single, x_test, y_test),
+    return {"depth": max_depth or depth_for(x_train.shape[1]), "single_acc": accuracy(single, x_test, y_test),
             "boosted_acc": accuracy(boosted, x_test, y_test), "gain": gain, "curves": curves}

@@ -62,3 +62,11 @@ def test_top_map_counts_by_hand():
 def test_bad_backend():
     with pytest.raises(ParameterError, match="backend='lightgbm' is not allowed"):
         trees.fit_trees(*planted(), backend="lightgbm")
+
+
+def test_layer_study_uses_the_depth_rule_or_a_fixed_depth():
+    x, y = planted(n=300, n_features=16)
+    xt, yt = planted(n=100, n_features=16, seed=1)
+    assert trees.layer_study(x, y, xt, yt, n_estimators=2, steps=3)["depth"] == 4  # round(log2 16)
+    fixed = trees.layer_study(x, y, xt, yt, n_estimators=2, steps=3, backend="cart", max_depth=1)
+    assert fixed["depth"] == 1 and fixed["single_acc"] < 0.6  # one CART split has 2 leaves for 4 classes
