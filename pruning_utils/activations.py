@@ -9,11 +9,12 @@ from .progress import bar
 
 from .params import ParameterError, check_choice
 
-AGGREGATIONS = ("mean", "max", "topk")
+AGGREGATIONS = ("mean", "max", "topk", "norm")
 
 
 def aggregate(maps: torch.Tensor, how: str = "mean", k: int = 5) -> torch.Tensor:
-    """One score per channel of (N, C, H, W) maps: the mean (paper 000), the max, or the mean of the top k."""
+    """One score per channel of (N, C, H, W) maps: the mean (paper 000), the max, the mean of the top k, or
+    the L2 norm of the map (the filter variables of Narendra et al., chapter 5)."""
     check_choice("aggregation", how, AGGREGATIONS)
     if maps.ndim < 2:
         raise ParameterError(f"maps of shape {tuple(maps.shape)} is not allowed; expected (N, C, ...)")
@@ -22,6 +23,8 @@ def aggregate(maps: torch.Tensor, how: str = "mean", k: int = 5) -> torch.Tensor
         return flat.mean(-1)
     if how == "max":
         return flat.amax(-1)
+    if how == "norm":
+        return flat.norm(dim=-1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ParameterError(f"k={k!r} is not allowed; expected an int >= 1")
     return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(-1)

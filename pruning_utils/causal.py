@@ -189,18 +189,10 @@ def ranking(scores: np.ndarray) -> np.ndarray:
 # A structural causal model over filters (Narendra et al. 2018) and the Taylor criterion
 
 
-@torch.no_grad()
 def map_norms(model: nn.Module, layers: Sequence[str], x: torch.Tensor, batch_size: int = 256) -> dict:
-    """Per image, the Frobenius norm of each channel's map at each layer, (N, C): the SCM's variables."""
-    model.eval()
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    with activations.hooked(model, list(layers)) as store:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
-            for name in layers:
-                a = store[name]
-                out[name].append(a.flatten(2).norm(dim=2) if a.ndim > 2 else a.abs())
-    return {name: torch.cat(p).numpy().astype(np.float64) for name, p in out.items()}
+    """Per image, the L2 norm of each channel's map at each layer, (N, C): the SCM's variables."""
+    norms = activations.channel_scores(model, x, list(layers), how="norm", batch_size=batch_size)
+    return {name: v.numpy().astype(np.float64) for name, v in norms.items()}
 
 
 def _standardize(z: np.ndarray, scale: bool) -> np.ndarray:

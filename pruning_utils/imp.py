@@ -149,13 +149,9 @@ def run_cached(build: Callable[[], nn.Module], train: data_mod.Split, test: data
                       sort_keys=True, default=str)
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
     path = (directory or train_mod.cache_dir()) / f"imp-{key}.pt"
-    if path.exists():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt.get("key") == key:
-                return ckpt["levels"], True
-        except Exception:  # a broken file: recompute and overwrite it
-            pass
+    ckpt = train_mod.load_checkpoint(path, key, fields=("levels",))
+    if ckpt is not None:
+        return ckpt["levels"], True
     levels = run(build, train, test, cfg, seed=seed, device=device, progress=progress)
     train_mod.save_atomic({"key": key, "levels": levels}, path)
     return levels, False

@@ -209,13 +209,14 @@ def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cf
     return history
 
 
-def load_checkpoint(path: Path, key: str) -> dict | None:
-    """The checkpoint at ``path`` if it loads and carries ``key``; None (with a warning) if it is broken."""
+def load_checkpoint(path: Path, key: str, fields: tuple[str, ...] = ("state_dict",)) -> dict | None:
+    """The checkpoint at ``path`` if it loads, carries ``key`` and has ``fields``; None (with a warning) if
+    it is broken."""
     if not path.exists():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("key") != key or "state_dict" not in ckpt:
+        if not isinstance(ckpt, dict) or ckpt.get("key") != key or any(f not in ckpt for f in fields):
             raise ValueError("key mismatch or missing fields")
         return ckpt
     except Exception as err:  # a truncated or foreign file: report it and retrain

@@ -16,6 +16,7 @@ def test_aggregations_on_a_hand_made_tensor():
     torch.testing.assert_close(aggregate(m, "mean"), torch.tensor([[4.0, 0.0]]))
     torch.testing.assert_close(aggregate(m, "max"), torch.tensor([[10.0, 0.0]]))
     torch.testing.assert_close(aggregate(m, "topk", k=2), torch.tensor([[6.5, 0.0]]))
+    torch.testing.assert_close(aggregate(m, "norm"), torch.tensor([[114.0 ** 0.5, 0.0]]))  # 1+4+9+100
     torch.testing.assert_close(aggregate(m, "topk", k=99), aggregate(m, "mean"))  # k larger than the map
 
 
@@ -23,6 +24,7 @@ def test_fully_connected_outputs_are_their_own_score():
     x = torch.tensor([[1.0, -2.0, 3.0]])
     for how in ("mean", "max", "topk"):
         torch.testing.assert_close(aggregate(x, how, k=3), x)
+    torch.testing.assert_close(aggregate(x, "norm"), x.abs())
 
 
 def test_bad_aggregation_and_k():

@@ -70,3 +70,9 @@ def test_run_trains_pruned_levels_and_caches(tmp_path):
     again, cached = imp.run_cached(small_net, split, split, cfg, {"toy": 1}, seed=0, device="cpu",
                                    progress=False, directory=tmp_path)
     assert cached and torch.equal(again[2]["state"]["0.weight"], levels[2]["state"]["0.weight"])
+    path = next(tmp_path.glob("imp-*.pt"))
+    path.write_bytes(path.read_bytes()[:50])  # a truncated write
+    with pytest.warns(UserWarning, match="unusable"):
+        redone, cached = imp.run_cached(small_net, split, split, cfg, {"toy": 1}, seed=0, device="cpu",
+                                        progress=False, directory=tmp_path)
+    assert not cached and torch.equal(redone[2]["state"]["0.weight"], levels[2]["state"]["0.weight"])
