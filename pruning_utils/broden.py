@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -43,7 +42,8 @@ COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 220), "
 TEXTURES = ("stripes", "checker", "dots", "brick", "grass", "gravel")
 SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = ("sky", "ground")
-SCENES = tuple(f"{a}+{b}" for a, b in itertools.combinations(SHAPES, 2))
+SCENES = ("circles", "squares", "triangles", "crosses")  # a scene of circles (SHAPES[0]), ...
+BACKGROUND_CONTRAST = 0.3  # backgrounds are muted (desaturated, low-contrast texture); objects are not
 
 
 class BrodenUnavailable(FileNotFoundError):
@@ -104,46 +104,49 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndar
     raise ParameterError(f"shape={shape!r} is not allowed; choose one of {', '.join(map(repr, SHAPES))}")
 
 
-def _paint(rgb: np.ndarray, mask: np.ndarray, color: str, texture: str, rng: np.random.Generator) -> None:
+def _paint(rgb: np.ndarray, mask: np.ndarray, color: str, texture: str, rng: np.random.Generator,
+           contrast: float = 1.0) -> None:
     pattern = texture_pattern(texture, rgb.shape[0], rng)[..., None]
     c = np.asarray(COLORS[color], dtype=np.float32)
+    c = contrast * c + (1 - contrast) * c.mean()  # contrast < 1 desaturates the colour ...
     dark, light = 0.45 * c, 0.7 * c + 0.3 * 255.0
-    region = dark + (light - dark) * pattern
+    mid = (dark + light) / 2
+    region = mid + contrast * (dark - mid) + contrast * (light - dark) * pattern  # ... and flattens the texture
     rgb[mask] = region[mask]
 
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     """One synthetic scene: an RGB uint8 image, per-pixel names of its object, colour and texture
-    (object arrays of str), and its scene name (the pair of shapes that appear in it)."""
+    (object arrays of str), and its scene name: one or two shapes of one kind (a scene of circles, ...)
+    over a muted sky and ground."""
     for _attempt in range(50):
-        scene = SCENES[rng.integers(len(SCENES))]
+        k = int(rng.integers(len(SCENES)))
         rgb = np.zeros((size, size, 3), np.float32)
-        names = {k: np.empty((size, size), dtype=object) for k in ("object", "color", "texture")}
+        names = {key: np.empty((size, size), dtype=object) for key in ("object", "color", "texture")}
         horizon = int(rng.integers(size // 3, 2 * size // 3 + 1))
         sky = np.zeros((size, size), bool)
         sky[:horizon] = True
         for region, mask in (("sky", sky), ("ground", ~sky)):
-            _assign(rgb, names, mask, region, rng)
-        shapes = [s for s in scene.split("+") for _ in range(int(rng.integers(1, 3)))]
-        rng.shuffle(shapes)
-        areas = {}
-        for shape in shapes:
-            r = float(rng.uniform(0.14, 0.24) * size)
+            _assign(rgb, names, mask, region, rng, BACKGROUND_CONTRAST, surface_labels=False)
+        area = 0
+        for _copy in range(int(rng.integers(1, 3))):
+            r = float(rng.uniform(0.16, 0.26) * size)
             cx, cy = rng.uniform(r, size - r, size=2)
-            mask = shape_mask(shape, size, cx, cy, r)
-            _assign(rgb, names, mask, shape, rng)
-            areas[shape] = areas.get(shape, 0) + int(mask.sum())
-        visible = {s: int((names["object"] == s).sum()) for s in areas}
-        if all(visible[s] >= 0.4 * areas[s] for s in areas):
-            return np.clip(rgb, 0, 255).astype(np.uint8), names, scene
+            mask = shape_mask(SHAPES[k], size, cx, cy, r)
+            _assign(rgb, names, mask, SHAPES[k], rng)
+            area += int(mask.sum())
+        if (names["object"] == SHAPES[k]).sum() >= 0.4 * area:
+            return np.clip(rgb, 0, 255).astype(np.uint8), names, SCENES[k]
     raise RuntimeError("could not place visible shapes in 50 attempts; raise the resolution")
 
 
-def _assign(rgb, names, mask, obj, rng):
+def _assign(rgb, names, mask, obj, rng, contrast=1.0, surface_labels=True):
     color = list(COLORS)[rng.integers(len(COLORS))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
-    _paint(rgb, mask, color, texture, rng)
-    names["object"][mask], names["color"][mask], names["texture"][mask] = obj, color, texture
+    _paint(rgb, mask, color, texture, rng, contrast)
+    names["object"][mask] = obj
+    # a muted region's faded colour and texture are not labelled (label 0), as Broden leaves pixels unlabelled
+    names["color"][mask], names["texture"][mask] = (color, texture) if surface_labels else ("", "")
 
 
 def vocabulary() -> dict[str, tuple[str, ...]]:
@@ -170,8 +173,9 @@ def decode_labels(png: np.ndarray) -> np.ndarray:
 def generate(directory: str | Path, n_train: int, n_val: int, size: int = 32, seed: int = 0) -> Path:
     """Write ``n_train`` + ``n_val`` synthetic scenes of ``size`` pixels in Broden's layout to ``directory``.
 
-    Every pixel is labelled with its object (sky, ground or a shape), colour and texture (one PNG per
-    category); each image has a whole-image scene label. The same arguments give the same bytes.
+    Every pixel is labelled with its object (sky, ground or a shape), the shapes' pixels also with their
+    colour and texture (one PNG per category; the muted background's are unlabelled); each image has a
+    whole-image scene label. The same arguments give the same bytes.
     """
     if size < 16:
         raise ParameterError(f"size={size!r} is not allowed; expected an int >= 16")
@@ -195,11 +199,11 @@ def generate(directory: str | Path, n_train: int, n_val: int, size: int = 32, se
         row = {"image": f"{stem}.png", "split": "train" if i < n_train else "val", "ih": size, "iw": size,
                "sh": size, "sw": size, "part": "", "material": ""}
         for cat in ("color", "object", "texture"):
-            lookup = {name: number[(cat, name)] for name in vocab[cat]}
+            lookup = {"": 0, **{name: number[(cat, name)] for name in vocab[cat]}}
             numbers = np.vectorize(lookup.__getitem__, otypes=[np.int64])(names[cat])
             Image.fromarray(encode_labels(numbers)).save(directory / "images" / f"{stem}_{cat}.png")
             row[cat] = f"{stem}_{cat}.png"
-            present, counts = np.unique(numbers, return_counts=True)
+            present, counts = np.unique(numbers[numbers > 0], return_counts=True)
             freq[present] += 1
             cover[present] += counts / numbers.size
         row["scene"] = str(number[("scene", scene)])

@@ -132,6 +132,39 @@ def summary(table: pd.DataFrame, categories: tuple[str, ...]) -> dict:
     return out
 
 
+def iou_bound(concepts: ConceptSet, quantile: float = 0.005) -> pd.DataFrame:
+    """Per concept c present: its category, its coverage (the share of the pixels of the images that carry
+    c's category) and the largest IoU that a mask covering the share q of those pixels can reach,
+    min(q, coverage) / max(q, coverage). No unit can pass a cut-off above this bound, whatever it detects."""
+    if not 0.0 < quantile < 1.0:
+        raise ParameterError(f"quantile={quantile!r} is not allowed; expected a float in (0, 1)")
+    area = torch.bincount(concepts.masks.reshape(-1), minlength=len(concepts.label_category)).double().numpy()
+    pixels = concepts.has_category.sum(0).double().numpy() * concepts.masks.shape[-1] * concepts.masks.shape[-2]
+    rows = {}
+    for label, g in enumerate(concepts.label_category):
+        if g >= 0 and area[label] > 0:
+            cover = area[label] / pixels[g]
+            rows[concepts.names[label]] = {"category": concepts.categories[g], "coverage": cover,
+                                           "max_iou": min(quantile, cover) / max(quantile, cover)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def levels(build, states: list[dict], layer: str, concepts: ConceptSet, quantile: float = 0.005,
+           cutoff: float = 0.04, device: str | torch.device = "cpu") -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """Dissect ``layer`` of ``build()`` loaded with each IMP level of ``states`` (records with level,
+    weights_remaining, test_acc, state): one :func:`summary` row per level, and each level's units table."""
+    rows, tables = [], []
+    for lv in states:
+        net = build()
+        net.load_state_dict(lv["state"])
+        table = units_table(dissect(layer_features(net.eval(), layer, concepts.images, device=device), concepts,
+                                    quantile), cutoff)
+        rows.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], "test_acc": lv["test_acc"],
+                     **summary(table, concepts.categories)})
+        tables.append(table)
+    return pd.DataFrame(rows), tables
+
+
 def consistency(original: pd.DataFrame, pruned: pd.DataFrame) -> tuple[float, float]:
     """Fig. 4: of the units interpretable in ``original``, the share still interpretable in ``pruned``;
     of the units interpretable in both, the share with the same concept (nan where nothing to count)."""

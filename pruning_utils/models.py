@@ -2,11 +2,13 @@
 
 - :class:`LeNet5` exactly as printed in paper 000 (chapters 0, 1, 5);
 - :class:`LeNet300100`, the fully connected net of the neuron-merging paper (chapters 0, 4);
-- :class:`CifarResNet`, the CIFAR-style ResNet of depth 6n+2 (ResNet-8/14/20/32/56; chapters 0, 2, 3, 4, 5).
+- :class:`CifarResNet`, the CIFAR-style ResNet of depth 6n+2 (ResNet-8/14/20/32/56; chapters 0, 2, 3, 4, 5);
+- :func:`imagenet_resnet50`, torchvision's ImageNet ResNet-50 with its published weights (chapter 2, full).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -144,3 +146,21 @@ def build(name: str, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (weights and biases; BatchNorm's affine ones included)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def imagenet_resnet50(download: bool = False) -> nn.Module:
+    """torchvision's ResNet-50 with its IMAGENET1K_V1 weights, from torch's hub cache; fetched only with
+    ``download=True``, otherwise a missing file is an error that says where to put it."""
+    import torchvision
+
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    if not path.exists() and not download:
+        raise FileNotFoundError(f"download=False and the ResNet-50 weights are not at {path}; pass download=True "
+                                f"or copy {weights.url} there")
+    model = torchvision.models.resnet50()
+    if download:
+        model.load_state_dict(weights.get_state_dict(progress=False))
+    else:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()

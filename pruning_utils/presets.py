@@ -229,10 +229,10 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
     },
 )
 
-_DISSECTION_DEFAULT = {"seed": 0, "device": "auto", "download": False, "images": 800, "val_images": 400,
-                       "resolution": 32, "depth": 8, "width": 8, "epochs": 3, "rewind_epochs": 1, "lr": 0.05,
+_DISSECTION_DEFAULT = {"seed": 0, "device": "auto", "download": False, "images": 1200, "val_images": 400,
+                       "resolution": 32, "depth": 8, "width": 8, "epochs": 14, "rewind_epochs": 1, "lr": 0.2,
                        "batch_size": 64, "target_remaining": 0.1, "rate": 0.2, "trials": 2, "quantile": 0.005,
-                       "cutoff": 0.04, "structured": True, "finetune_epochs": 1, "grid_units": 4,
+                       "cutoff": 0.04, "structured": True, "finetune_epochs": 1, "workers": 2, "grid_units": 4,
                        "resnet50": False, "broden_dir": None, "broden_images": 2000, "resnet50_rounds": 12}
 
 CHAPTERS["dissection"] = (  # chapter 2, paper 001
@@ -254,6 +254,8 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
         "cutoff": Param("IoU above which a unit is interpretable (code 0.04, paper 0.05)", float, lo=0.0, hi=0.9),
         "structured": Param("also run whole-filter pruning (beyond the paper)", bool),
         "finetune_epochs": Param("epochs of standard fine-tuning per round (0: skip that variant)", int, lo=0),
+        "workers": Param("processes that run the independent IMP runs side by side (1: in the notebook's own)",
+                         int, lo=1),
         "grid_units": Param("units shown with their top-activating images", int, lo=1),
         "resnet50": Param("dissect torchvision's ResNet-50 on a real Broden folder", bool),
         "broden_dir": Param("path of a real Broden folder (broden1_224 or broden1_227)", str, optional=True),
@@ -262,10 +264,10 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
     },
     {
         "smoke": {**_DISSECTION_DEFAULT, "images": 192, "val_images": 96, "epochs": 1, "rewind_epochs": 1,
-                  "target_remaining": 0.7, "trials": 1, "grid_units": 2},
+                  "target_remaining": 0.7, "trials": 1, "workers": 1, "grid_units": 2},
         "default": _DISSECTION_DEFAULT,
         "full": {**_DISSECTION_DEFAULT, "download": True, "images": 8000, "val_images": 2000, "resolution": 48,
                  "depth": 14, "width": 16, "epochs": 15, "rewind_epochs": 1, "lr": 0.1, "batch_size": 128,
-                 "trials": 3, "resnet50": True},
+                 "trials": 3, "workers": 1, "resnet50": True},
     },
 )

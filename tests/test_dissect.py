@@ -44,7 +44,9 @@ def test_hand_computed_iou_counts_only_images_with_the_category():
     assert iou[0, 0].item() == 0 and iou[0, 2].item() == 0 and iou[0, 4].item() == 0
 
 
-def test_indicator_unit_gets_its_concept_with_iou_one():
+def indicator_case():
+    """Scenes with a lamp and a red patch, and a 1x1 conv whose unit 0 is the lamp indicator, unit 1 the
+    red one and unit 2 noise."""
     torch.manual_seed(0)
     n, s = 12, 8
     masks = torch.zeros(n, 2, s, s, dtype=torch.long)
@@ -57,9 +59,13 @@ def test_indicator_unit_gets_its_concept_with_iou_one():
     images = torch.stack([(masks[:, 0] == 1).float(), (masks[:, 1] == 3).float(), torch.rand(n, s, s)], 1)
     model = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False))
     with torch.no_grad():
-        model[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))  # unit 0 = lamp indicator, unit 1 = red indicator
-    feats = dissect.layer_features(model, "0", images)
-    cs = concept_set(images, masks, torch.ones(n, 2, dtype=torch.bool))
+        model[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+    return model, concept_set(images, masks, torch.ones(n, 2, dtype=torch.bool))
+
+
+def test_indicator_unit_gets_its_concept_with_iou_one():
+    model, cs = indicator_case()
+    feats = dissect.layer_features(model, "0", cs.images)
     # each concept covers under 20% of the pixels, so the level-0.2 threshold is 0 and M_k is the indicator
     table = dissect.units_table(dissect.dissect(feats, cs, quantile=0.2), cutoff=0.04)
     assert table.loc[0, "concept"] == "lamp" and table.loc[0, "category"] == "object"
@@ -78,3 +84,34 @@ def test_summary_and_consistency():
                                              "units/color": 2, "concepts/color": 1}
     still, same = dissect.consistency(before, after)
     assert still == pytest.approx(2 / 3) and same == pytest.approx(1 / 2)
+
+
+def test_levels_dissects_each_state_and_a_zeroed_unit_stops_being_interpretable():
+    model, cs = indicator_case()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = {k: v.clone() for k, v in dense.items()}
+    pruned["0.weight"][1] = 0.0  # the red indicator's filter is gone
+    states = [{"level": 0, "weights_remaining": 1.0, "test_acc": 0.9, "state": dense},
+              {"level": 1, "weights_remaining": 2 / 3, "test_acc": 0.8, "state": pruned}]
+    build = lambda: nn.Sequential(nn.Conv2d(3, 3, 1, bias=False))
+    rows, tables = dissect.levels(build, states, "0", cs, quantile=0.2, cutoff=0.5)
+    assert rows["level"].tolist() == [0, 1] and rows["test_acc"].tolist() == [0.9, 0.8]
+    assert rows["units"].tolist() == [2, 1] and rows["concepts/color"].tolist() == [1, 0]
+    assert tables[1].loc[1, "iou"] == 0.0 and tables[1].loc[0, "concept"] == "lamp"
+
+
+def test_iou_bound_is_q_over_coverage_and_no_unit_beats_it():
+    model, cs = indicator_case()
+    bound = dissect.iou_bound(cs, quantile=0.05)
+    lamp = 12 * 9 / (12 * 64)  # a 3x3 lamp in each 8x8 image
+    assert bound.loc["lamp", "coverage"] == pytest.approx(lamp) and bound.loc["lamp", "category"] == "object"
+    assert bound.loc["lamp", "max_iou"] == pytest.approx(0.05 / lamp)
+    assert bound.loc["wall", "max_iou"] == pytest.approx(0.05 / (1 - lamp))
+    feats = dissect.layer_features(model, "0", cs.images)
+    feats = feats + 0.01 * torch.rand(feats.shape)  # continuous maps: M_k covers the share q, no ties
+    iou = dissect.dissect(feats, cs, quantile=0.05).iou
+    for name, row in bound.iterrows():
+        assert iou[:, NAMES.index(name)].max() <= 1.05 * row["max_iou"]  # M_k covers q up to a pixel
+    assert iou[0, NAMES.index("lamp")] == pytest.approx(bound.loc["lamp", "max_iou"], rel=0.05)  # the lamp unit reaches it
+    with pytest.raises(ParameterError, match="quantile=0 is not allowed"):
+        dissect.iou_bound(cs, quantile=0)

@@ -1,3 +1,6 @@
+import functools
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +79,27 @@ def test_run_trains_pruned_levels_and_caches(tmp_path):
         redone, cached = imp.run_cached(small_net, split, split, cfg, {"toy": 1}, seed=0, device="cpu",
                                         progress=False, directory=tmp_path)
     assert not cached and torch.equal(redone[2]["state"]["0.weight"], levels[2]["state"]["0.weight"])
+
+
+def test_run_many_in_two_processes_matches_runs_here_and_then_loads_from_the_cache(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.rand(48, 3, 8, 8)
+    split = data.Split(x, (x[:, 0].mean((1, 2)) > 0.5).long(), ("a", "b"), "toy")
+    build = functools.partial(models.CifarResNet, 8, num_classes=2, width=4)
+    base = imp.IMPConfig(rounds=2, train=train.TrainConfig(epochs=1, batch_size=16, lr=0.05), rewind_epochs=1)
+    jobs = [imp.Job(build, base, {"toy": 2}, seed=0), imp.Job(build, replace(base, structure="filters"), {"toy": 2}, seed=1)]
+    parallel = imp.run_many(jobs, split, split, device="cpu", workers=2, progress=False, directory=tmp_path / "a")
+    assert len(list((tmp_path / "a").glob("imp-*.pt"))) == 2
+    for job, levels in zip(jobs, parallel):
+        here, _ = imp.run_cached(job.build, split, split, job.cfg, job.key_extra, seed=job.seed, device="cpu",
+                                 progress=False, directory=tmp_path / "b")
+        assert [lv["weights_remaining"] for lv in levels] == [lv["weights_remaining"] for lv in here]
+        for a, b in zip(levels, here):
+            for name in b["state"]:
+                torch.testing.assert_close(a["state"][name], b["state"][name], atol=1e-4, rtol=1e-4)
+    assert parallel[0][2]["weights_remaining"] != parallel[1][2]["weights_remaining"]  # the jobs differ
+    monkeypatch.setattr(imp, "_run_job", lambda *args: pytest.fail("a cached run was run again"))
+    again = imp.run_many(jobs, split, split, device="cpu", workers=2, progress=False, directory=tmp_path / "a")
+    assert all(torch.equal(a[2]["state"]["fc.weight"], b[2]["state"]["fc.weight"]) for a, b in zip(again, parallel))
+    with pytest.raises(ParameterError, match="workers=0 is not allowed"):
+        imp.run_many(jobs, split, split, workers=0)

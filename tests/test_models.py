@@ -59,3 +59,22 @@ def test_bad_model_arguments_name_the_parameter():
         models.CifarResNet(21)
     with pytest.raises(ParameterError, match="model='vgg'"):
         models.build("vgg")
+
+
+def test_imagenet_resnet50_reads_the_hub_cache_and_never_downloads_unasked(tmp_path):
+    import torchvision
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(FileNotFoundError, match="download=False and the ResNet-50 weights are not at"):
+            models.imagenet_resnet50(download=False)
+        torch.manual_seed(0)
+        state = torchvision.models.resnet50().state_dict()
+        url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+        (tmp_path / "checkpoints").mkdir()
+        torch.save(state, tmp_path / "checkpoints" / url.rsplit("/", 1)[-1])
+        net = models.imagenet_resnet50(download=False)
+    finally:
+        torch.hub.set_dir(old)
+    assert torch.equal(net.conv1.weight, state["conv1.weight"]) and not net.training

@@ -59,3 +59,32 @@ def test_chapter_runs_at_smoke_size(path):
 def test_bad_parameter_stops_the_chapter_with_a_clear_error(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match=r"resnet_depth=21 is not allowed; expected one of 8, 14"):
         run_chapter(CHAPTERS[0], tmp_path, "smoke", extra={"resnet_depth": 21})
+
+
+def test_chapter_2_full_path_dissects_resnet50_on_a_broden_folder(tmp_path, monkeypatch):
+    """The `full` branch (torchvision's ResNet-50 on a real Broden folder) on a Broden-format fixture:
+    our generated scenes, and random weights where torch's hub cache keeps ResNet-50's."""
+    import torch
+    import torchvision
+
+    from pruning_utils import broden
+
+    chapter = next(p for p in CHAPTERS if p.stem.startswith("02_"))
+    folder = broden.generate(tmp_path / "broden", 0, 12, size=48, seed=0)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(pm.PapermillExecutionError, match="resnet50=True needs broden_dir"):
+        run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True})
+    with pytest.raises(pm.PapermillExecutionError, match="download=False and the ResNet-50 weights are not at"):
+        run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True, "broden_dir": str(folder)})
+    weights = tmp_path / "torch" / "hub" / "checkpoints"
+    weights.mkdir(parents=True)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    torch.save(torchvision.models.resnet50().state_dict(), weights / url.rsplit("/", 1)[-1])
+    run_chapter(chapter, tmp_path / "out", "smoke",
+                extra={"resnet50": True, "broden_dir": str(folder), "broden_images": 12, "resnet50_rounds": 1})
+    executed = nbformat.read(tmp_path / "out" / chapter.name, as_version=4)
+    cell = next(c for c in executed.cells if c.cell_type == "code" and c.source.startswith("if P.resnet50"))
+    table = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+    rows = [line.split() for line in table.split("\n\n")[0].splitlines() if re.match(r"^[0-9]+\s", line)]
+    assert "weights_remaining" in table and [r[0] for r in rows] == ["0", "1"]  # ResNet-50 unpruned, then pruned
+    assert float(rows[0][1]) == 1.0 and float(rows[1][1]) == pytest.approx(0.8, abs=1e-3)
