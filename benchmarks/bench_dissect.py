@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
         data = broden.load(broden.generate(f"{tmp}/scenes", 0, args.images, args.size, seed=0))
         concepts = broden.concept_set(data)
     model = models.CifarResNet(args.depth, num_classes=len(broden.SCENES), width=args.width).eval()
-    layer = f"layer3.{(args.depth - 2) // 6 - 1}"
+    layer = dissect.last_block(model)
     t_feat, feats = timed(lambda: dissect.layer_features(model, layer, concepts.images), args.repeats)
     t_thr, thr = timed(lambda: dissect.unit_thresholds(feats), args.repeats)
     t_iou, _ = timed(lambda: dissect.iou_matrix(feats, concepts, thr), args.repeats)

@@ -21,19 +21,17 @@ import torch
 
 from pruning_utils import baselines, causal, prune
 
-SETUPS = {
-    "lenet5": ({"convnet.relu1": "convnet.c1", "convnet.relu3": "convnet.c3", "convnet.relu5": "convnet.c5"},
-               (1, 32, 32)),
-    "resnet20": ({f"layer{s}.{b}.relu1": f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)},
-                 (1, 28, 28)),
+SETUPS = {  # the prunable activation layers and the conv layer whose filters each one's channels are
+    "lenet5": {"convnet.relu1": "convnet.c1", "convnet.relu3": "convnet.c3", "convnet.relu5": "convnet.c5"},
+    "resnet20": {f"layer{s}.{b}.relu1": f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)},
 }
 
 
 def pruned_networks(name: str, size: str, fractions: list[float]) -> dict[str, torch.nn.Module]:
     """The baseline ``name`` with each fraction of its prunable filters removed (L1 order)."""
     net, _ = baselines.load(name, size, 0, progress=False)
-    conv_of, shape = SETUPS[name]
-    example = torch.zeros(1, *shape)
+    conv_of = SETUPS[name]
+    example = torch.zeros(1, *baselines.input_shape(baselines.recipe(name, size)))
     rankings = {act: prune.l1_ranking(prune.module(net, conv)).tolist() for act, conv in conv_of.items()}
     sizes = {act: prune.module(net, conv).out_channels for act, conv in conv_of.items()}
     return {f"{f:.2f}": causal.removed(net, causal.plan(rankings, f, sizes), conv_of, example) for f in fractions}
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
           f"after {args.warmup} warm-up passes")
     tables = {}
     for name in args.models:
-        _, shape = SETUPS[name]
+        shape = baselines.input_shape(baselines.recipe(name, args.size))
         tables[name] = causal.cost_table(pruned_networks(name, args.size, args.fractions), shape, tuple(args.batches),
                                          args.repeats, args.warmup, args.threads)
     table = pd.concat(tables, names=["model", "fraction removed"])

@@ -119,12 +119,6 @@ def loop_plan(model, chain, ratio, criterion, threshold, lam, bn_scale="referenc
     return {"chain": chain, "kept": torch.from_numpy(kept), "z": torch.from_numpy(z)}
 
 
-def loop_merge(model, chains, ratio, criterion="l1", threshold=None, lam=0.85, bn_scale="reference"):
-    """merging.merge with the decomposition done by loops."""
-    plans = [loop_plan(model, c, ratio, criterion, threshold, lam, bn_scale) for c in chains]
-    return merging.apply(model, plans), plans
-
-
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm random (positive) scales and running statistics, as a trained net has."""
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from .progress import bar
+from .train import get_device
 
 from .params import ParameterError, check_choice
 
@@ -53,7 +54,7 @@ def channel_scores(model: nn.Module, x: torch.Tensor, layers: list[str], how: st
                    batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = False,
                    keep_maps: bool = False) -> dict[str, torch.Tensor]:
     """Per-image, per-channel scores (N, C) at each named layer; with ``keep_maps`` the full maps instead."""
-    device = torch.device(device)
+    device = get_device(device) if isinstance(device, str) else device
     model.eval().to(device)
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     with hooked(model, layers) as store:

@@ -14,6 +14,7 @@ from .train import Recipe, TrainConfig, train_cached, with_overrides
 NAMES = ("lenet5", "lenet300100", "resnet20")
 SIZES = ("smoke", "default", "full")
 IN_CHANNELS = {"mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3}
+IMAGE_SIDE = {"mnist5k": 28, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}
 
 _LENET5 = TrainConfig(epochs=20, batch_size=32, lr=0.1, weight_decay=5e-4)
 _LENET300 = TrainConfig(epochs=20, batch_size=128, lr=0.1, weight_decay=1e-4)
@@ -66,3 +67,9 @@ def load(name: str, size: str = "default", seed: int = 0, *, device: str = "auto
     """Baseline ``name`` at run ``size`` from the checkpoint cache (trained there on a miss)."""
     return train_cached(recipe(name, size, **overrides), seed, device=device, download=download,
                         progress=progress)
+
+
+def input_shape(r: Recipe) -> tuple[int, int, int]:
+    """(C, H, W) of one input image of recipe ``r``: its data set's channels and side, padded by ``r.pad``."""
+    side = IMAGE_SIDE[r.dataset] + 2 * r.pad
+    return IN_CHANNELS[r.dataset], side, side

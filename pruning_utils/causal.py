@@ -335,9 +335,7 @@ def plan(rankings: Mapping[str, Sequence[int]], fraction: float, sizes: Mapping[
         raise ParameterError(f"fraction={fraction!r} is not allowed; expected 0 <= fraction < 1")
     out = {}
     for layer, order in rankings.items():
-        n = sizes[layer]
-        k = min(int(round(fraction * n)), n - 1)
-        out[layer] = [int(i) for i in list(order)[:k]]
+        out[layer] = [int(i) for i in list(order)[:prune.n_removed(fraction, sizes[layer])]]
     return out
 
 

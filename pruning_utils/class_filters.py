@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .params import ParameterError
-from .plots import new_figure
+from .plots import new_figure, panel_grid
 from .progress import bar
 from .train import get_device, seed_everything
 
@@ -276,15 +276,11 @@ def histogram_figure(hist: torch.Tensor, sets, counts: torch.Tensor, classes, nc
     the k2 bars of S_y in orange."""
     use = feature_use(sets, hist.shape[1]).astype(bool)
     share = (hist / counts.clamp_min(1)[:, None]).numpy()
-    nrows = -(-len(classes) // ncols)
-    fig = new_figure(2.6 * ncols, 1.9 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    fig, axes = panel_grid(len(classes), ncols, (2.6, 1.9), sharey=True, sharex=True)
     pos = np.arange(hist.shape[1])
     for y, (ax, name) in enumerate(zip(axes, classes)):
         ax.bar(pos, share[y], width=1.0, color=np.where(use[y], "tab:orange", "tab:blue"))
         ax.set_title(name, fontsize="small")
-    for ax in axes[len(classes):]:
-        ax.set_visible(False)
     for ax in axes[::ncols]:
         ax.set_ylabel("share of class")
     for ax in axes[-ncols:]:

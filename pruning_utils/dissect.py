@@ -152,17 +152,28 @@ def iou_bound(concepts: ConceptSet, quantile: float = 0.005) -> pd.DataFrame:
 def levels(build, states: list[dict], layer: str, concepts: ConceptSet, quantile: float = 0.005,
            cutoff: float = 0.04, device: str | torch.device = "cpu") -> tuple[pd.DataFrame, list[pd.DataFrame]]:
     """Dissect ``layer`` of ``build()`` loaded with each IMP level of ``states`` (records with level,
-    weights_remaining, test_acc, state): one :func:`summary` row per level, and each level's units table."""
+    weights_remaining, test_acc, state): one row per level with its :func:`summary` and its
+    :func:`consistency` with the first level (Fig. 4), and each level's units table."""
     rows, tables = [], []
     for lv in states:
         net = build()
         net.load_state_dict(lv["state"])
         table = units_table(dissect(layer_features(net.eval(), layer, concepts.images, device=device), concepts,
                                     quantile), cutoff)
-        rows.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], "test_acc": lv["test_acc"],
-                     **summary(table, concepts.categories)})
         tables.append(table)
+        still, same = consistency(tables[0], table)
+        rows.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], "test_acc": lv["test_acc"],
+                     **summary(table, concepts.categories), "still interpretable": still, "same concept": same})
     return pd.DataFrame(rows), tables
+
+
+def last_block(model: nn.Module) -> str:
+    """The name of a ResNet's last residual block, the layer paper 001 dissects: ``layer3.k`` of a CIFAR
+    ResNet, ``layer4.2`` of torchvision's ResNet-50 (the last ``layerN`` stage's last child)."""
+    stages = [name for name, m in model.named_children() if name.startswith("layer") and isinstance(m, nn.Sequential)]
+    if not stages:
+        raise ParameterError(f"model={type(model).__name__} is not allowed; expected a ResNet with layerN stages")
+    return f"{stages[-1]}.{len(getattr(model, stages[-1])) - 1}"
 
 
 def consistency(original: pd.DataFrame, pruned: pd.DataFrame) -> tuple[float, float]:
@@ -180,13 +191,13 @@ def top_images(features: torch.Tensor, unit: int, k: int = 6) -> torch.Tensor:
     return features[:, unit].flatten(1).amax(1).topk(min(k, len(features))).indices
 
 
-def top_images_grid(images: torch.Tensor, features: torch.Tensor, result: Dissection, units: list[int],
+def top_images_grid(images: torch.Tensor, features: torch.Tensor, thresholds: torch.Tensor, units: list[int],
                     table: pd.DataFrame, k: int = 6) -> Figure:
-    """A row per unit: its top-activating images, dimmed outside the unit's mask M_k (as in NetDissect's
-    reports), titled with the unit's best concept and IoU."""
+    """A row per unit: its top-activating images, dimmed outside the unit's mask M_k = a_k > T_k (as in
+    NetDissect's reports), titled with the unit's best concept and IoU from its units ``table``."""
     fig = plots.new_figure(1.25 * k, 1.45 * len(units))
     axes = fig.subplots(len(units), k, squeeze=False)
-    thresholds = torch.as_tensor(result.thresholds)
+    thresholds = torch.as_tensor(thresholds)
     for r, unit in enumerate(units):
         idx = top_images(features, unit, k)
         mask = unit_masks(features[idx][:, [unit]], thresholds[[unit]], tuple(images.shape[-2:]))[:, 0]

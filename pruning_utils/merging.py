@@ -471,19 +471,6 @@ def plant_multiples(model: nn.Module, chains: Sequence[Chain], ratio: float, cri
     return model
 
 
-def summary(plans: Sequence[dict]) -> list[dict]:
-    """One row per plan: layer, N, P, merged and dropped pruned neurons, mean similarity of the merged."""
-    rows = []
-    for pl in plans:
-        sim = pl["similarity"]
-        pruned = _pruned_mask(pl["n"], pl["kept"])
-        merged = (pl["z"][pruned] != 0).any(1)
-        mean_sim = float(sim[pruned][merged].mean()) if sim is not None and merged.any() else float("nan")
-        rows.append({"layer": pl["chain"].layer, "N": pl["n"], "P": pl["p"], "merged": pl["merged"],
-                     "dropped": pl["dropped"], "mean similarity of merged": mean_sim})
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------
 # Branch-free models for tests, the benchmark and the full-size run
 # ----------------------------------------------------------------------------------------------------

@@ -43,12 +43,12 @@ def training_curves(histories: dict[str, dict], window: int = 20) -> Figure:
 
 
 def panel_grid(n_panels: int, ncols: int | None = None, panel_size: tuple[float, float] = (3.6, 3.0),
-               sharey: bool = False) -> tuple[Figure, list]:
+               sharey: bool = False, sharex: bool = False) -> tuple[Figure, list]:
     """A figure with one axes per panel in rows of ``ncols`` (spare axes hidden); returns (fig, axes)."""
     ncols = ncols or n_panels
     nrows = -(-n_panels // ncols)
     fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)).ravel()
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, list(axes[:n_panels])

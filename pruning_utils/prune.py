@@ -67,9 +67,19 @@ def zero_channels(model: nn.Module, layer: str, idxs: Sequence[int]) -> nn.Modul
     return model
 
 
+def l1_scores(layer: nn.Module) -> torch.Tensor:
+    """The L1 norm of each filter's weights (Li et al. 2017's criterion)."""
+    return layer.weight.detach().abs().flatten(1).sum(1)
+
+
 def l1_ranking(layer: nn.Module) -> torch.Tensor:
-    """Filter indices from smallest to largest L1 norm of their weights (Li et al. 2017's criterion)."""
-    return layer.weight.detach().abs().flatten(1).sum(1).argsort()
+    """Filter indices from smallest to largest L1 norm of their weights."""
+    return l1_scores(layer).argsort()
+
+
+def n_removed(fraction: float, n: int) -> int:
+    """How many of ``n`` filters a ``fraction`` removes: round(fraction * n), but always one left."""
+    return min(int(round(fraction * n)), n - 1)
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -88,7 +98,7 @@ def sweep(model: nn.Module, layer: str, rankings: dict[str, Sequence[int]], frac
     rows = []
     jobs = [(name, f) for name in rankings for f in fractions]
     for name, f in bar(jobs, desc=f"pruning {layer}", disable=not progress, leave=False):
-        k = min(int(round(f * n)), n - 1)
+        k = n_removed(f, n)
         pruned = remove_channels(model, layer, list(rankings[name])[:k], example_input)
         macs, params = macs_and_params(pruned, example_input)
         row = {"layer": layer, "ranking": name, "fraction": k / n, "removed": k, "accuracy": evaluate(pruned),

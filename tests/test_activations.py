@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from pruning_utils import models
 from pruning_utils.activations import aggregate, channel_scores
 from pruning_utils.params import ParameterError
 
@@ -47,3 +48,10 @@ def test_channel_scores_batches_and_matches_direct_computation():
 def test_unknown_layer_is_named():
     with pytest.raises(ParameterError, match=r"layers \['nope'\] are not in the model"):
         channel_scores(nn.Sequential(nn.ReLU()), torch.randn(1, 2), ["nope"])
+
+
+def test_channel_scores_accepts_the_books_auto_device():
+    net = models.LeNet5()
+    x = torch.rand(3, 1, 32, 32)
+    auto = channel_scores(net, x, ["convnet.relu1"], device="auto")["convnet.relu1"]
+    torch.testing.assert_close(auto, channel_scores(net, x, ["convnet.relu1"], device="cpu")["convnet.relu1"])

@@ -98,6 +98,19 @@ def test_levels_dissects_each_state_and_a_zeroed_unit_stops_being_interpretable(
     assert rows["level"].tolist() == [0, 1] and rows["test_acc"].tolist() == [0.9, 0.8]
     assert rows["units"].tolist() == [2, 1] and rows["concepts/color"].tolist() == [1, 0]
     assert tables[1].loc[1, "iou"] == 0.0 and tables[1].loc[0, "concept"] == "lamp"
+    assert rows["still interpretable"].tolist() == [1.0, 0.5] and rows["same concept"].tolist() == [1.0, 1.0]
+
+
+def test_last_block_names_the_last_residual_block():
+    import torchvision
+
+    from pruning_utils import models
+
+    assert dissect.last_block(models.CifarResNet(8, width=4)) == "layer3.0"
+    assert dissect.last_block(models.CifarResNet(20, width=4)) == "layer3.2"
+    assert dissect.last_block(torchvision.models.resnet18()) == "layer4.1"
+    with pytest.raises(ParameterError, match="model=Sequential is not allowed"):
+        dissect.last_block(nn.Sequential(nn.Conv2d(3, 3, 1)))
 
 
 def test_iou_bound_is_q_over_coverage_and_no_unit_beats_it():

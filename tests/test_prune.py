@@ -59,3 +59,8 @@ def test_bad_arguments():
         prune.remove_channels(net, "convnet.c1", range(6), x)
     with pytest.raises(ParameterError, match="is a ReLU; expected a Conv2d or Linear"):
         prune.remove_channels(net, "convnet.relu1", [0], x)
+
+
+def test_n_removed_rounds_and_always_leaves_a_filter():
+    assert [prune.n_removed(f, 10) for f in (0.0, 0.24, 0.25, 0.5, 0.99)] == [0, 2, 2, 5, 9]
+    assert prune.n_removed(0.9, 2) == 1

@@ -111,3 +111,9 @@ def test_baseline_recipes_follow_overrides():
     assert baselines.recipe("lenet5", "full").dataset == "mnist"
     with pytest.raises(ParameterError, match="name='vgg' is not allowed"):
         baselines.recipe("vgg")
+
+
+def test_input_shape_of_a_recipe_is_its_data_sets_padded_image():
+    assert baselines.input_shape(baselines.recipe("lenet5", "default")) == (1, 32, 32)  # MNIST padded by 2
+    assert baselines.input_shape(baselines.recipe("resnet20", "default")) == (1, 28, 28)  # Fashion-MNIST
+    assert baselines.input_shape(baselines.recipe("resnet20", "full")) == (3, 32, 32)  # CIFAR-10
