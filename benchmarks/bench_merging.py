@@ -169,10 +169,10 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # both versions on one core: a fair comparison, and stable on a shared machine
     lenet = models.LeNet300100().eval()
-    cfg = merging.VGG_CFGS[11 if args.quick else 16]
+    cfg = models.VGG_CFGS[11 if args.quick else 16]
     if args.quick:
         cfg = tuple(v if v == "M" else v // 2 for v in cfg)
-    vgg = randomise_bn(merging.vgg_stack(cfg, 3, 10, hidden=cfg[-1]))
+    vgg = randomise_bn(models.vgg_stack(cfg, 3, 10, hidden=cfg[-1]))
     rows = [compare("LeNet-300-100 (Algorithm 2, threshold 0.45)", lenet, torch.randn(4, 1, 28, 28),
                     args.ratio, 0.45, 0.85, args.repeats),
             compare(f"VGG-{11 if args.quick else 16} stack, CIFAR size (Algorithm 3, threshold 0.1, lambda 0.85)",

@@ -15,10 +15,8 @@ s > 0, so the next layer can take Z_i in: W_{i+1} becomes Z_i W_{i+1} (Theorem 1
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -26,9 +24,9 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import data as data_mod
+from . import baselines, models
 from .params import ParameterError, check_choice
-from .train import TrainConfig, cache_dir, code_version, fit, load_checkpoint, save_atomic
+from .train import Recipe, TrainConfig
 
 CRITERIA = ("l1", "l2", "l2-GM")
 METHODS = ("merge", "prune")
@@ -47,10 +45,6 @@ _ACT_CALLS = {"relu", "relu_", "leaky_relu", "leaky_relu_"}
 _SHAPE_CALLS = {"size", "dim"}
 _JOINS = {operator.add, operator.mul, operator.iadd, torch.add, torch.cat, torch.stack, torch.mul}
 
-VGG_CFGS = {  # Simonyan and Zisserman (2015), as in the reference code's models/VGG.py ("M": max-pool)
-    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
-    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
-}
 # The reference's pruned VGG-16 on CIFAR-10 (its main.py): 32, 64, 128, 128, 256 x 3, then 256 x 6.
 VGG16_CIFAR10_KEEP = (32, 64, 128, 128, 256, 256, 256, 256, 256, 256, 256, 256, 256)
 
@@ -486,23 +480,6 @@ def mlp(widths: Sequence[int], activation: str = "relu", slope: float = 0.1) -> 
     return nn.Sequential(*layers)
 
 
-def vgg_stack(cfg: Sequence, in_channels: int = 3, num_classes: int = 10, hidden: int = 512,
-              final_pool: int = 2) -> nn.Sequential:
-    """The reference's VGG as one Sequential: conv3x3-BN-ReLU per number in ``cfg`` ("M": 2x2 max-pool),
-    avg-pool ``final_pool``, flatten, Linear(cfg[-1], hidden)-BN-ReLU, Linear(hidden, classes)."""
-    layers: list[nn.Module] = []
-    c = in_channels
-    for v in cfg:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
-            c = v
-    layers += [nn.AvgPool2d(final_pool), nn.Flatten(), nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-               nn.Linear(hidden, num_classes)]
-    return nn.Sequential(*layers)
-
-
 def vgg16_reference_ratios(model: nn.Sequential) -> dict[str, float]:
     """The reference's per-layer pruning of VGG-16 on CIFAR-10 as ratios per conv layer name."""
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -516,29 +493,11 @@ def vgg16_reference_ratios(model: nn.Sequential) -> dict[str, float]:
     return ratios
 
 
-def vgg_baseline(dataset: str, config: TrainConfig, seed: int = 0, depth: int = 16, *, device: str = "auto",
-                 download: bool = False, train_subset: int | None = None,
-                 progress: bool = True) -> tuple[nn.Sequential, dict]:
-    """A VGG (:func:`vgg_stack`) trained on ``dataset`` with ``config``, cached like the book's baselines
-    (images of 28 pixels are padded to 32 so that four 2x2 pools and the final one fit)."""
-    check_choice("depth", depth, tuple(VGG_CFGS))
-    pad = 2 if dataset in ("mnist", "fashion-mnist", "mnist5k") else 0
-    train = data_mod.load(dataset, "train", pad=pad, download=download, seed=seed).subset(train_subset, seed)
-    test = data_mod.load(dataset, "test", pad=pad, download=download, seed=seed)
-    channels = train.x.shape[1]
-    build = lambda: vgg_stack(VGG_CFGS[depth], channels, len(train.classes))  # noqa: E731
-    text = json.dumps({"vgg": depth, "dataset": dataset, "config": asdict(config), "seed": seed,
-                       "subset": train_subset, "code": code_version()}, sort_keys=True, default=str)
-    key = hashlib.sha256(text.encode()).hexdigest()[:20]
-    path = cache_dir() / f"vgg{depth}-{dataset}-{key}.pt"
-    torch.manual_seed(seed)
-    model = build()
-    ckpt = load_checkpoint(path, key)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval(), {**ckpt["record"], "cached": True}
-    history = fit(model, train, test, config, seed=seed, device=device, progress=progress,
-                  desc=f"VGG-{depth} on {dataset}")
-    record = {"history": history, "test_acc": history["test_acc"][-1], "n_train": len(train), "pad": pad}
-    save_atomic({"key": key, "state_dict": model.state_dict(), "record": record}, path)
-    return model.eval(), {**record, "cached": False}
+def vgg_recipe(dataset: str, config: TrainConfig, depth: int = 16, train_subset: int | None = None) -> Recipe:
+    """The recipe of a VGG (``models.vgg``) trained on ``dataset`` with ``config``, for ``train.train_cached``
+    like the book's baselines (images of 28 pixels are padded to 32 so that four 2x2 pools and the final one fit)."""
+    check_choice("depth", depth, tuple(models.VGG_CFGS))
+    check_choice("dataset", dataset, tuple(baselines.IN_CHANNELS))
+    pad = (32 - baselines.IMAGE_SIDE[dataset]) // 2
+    return Recipe("vgg", dataset, config, {"depth": depth, "in_channels": baselines.IN_CHANNELS[dataset]}, pad=pad,
+                  train_subset=train_subset)

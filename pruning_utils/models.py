@@ -3,11 +3,13 @@
 - :class:`LeNet5` exactly as printed in paper 000 (chapters 0, 1, 5);
 - :class:`LeNet300100`, the fully connected net of the neuron-merging paper (chapters 0, 4);
 - :class:`CifarResNet`, the CIFAR-style ResNet of depth 6n+2 (ResNet-8/14/20/32/56; chapters 0, 2, 3, 4, 5);
+- :func:`vgg`, the VGG-11/16 of the neuron-merging reference code as one Sequential (chapter 4);
 - :func:`imagenet_resnet50`, torchvision's ImageNet ResNet-50 with its published weights (chapter 2, full).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -133,14 +135,44 @@ class CifarResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-MODELS = ("lenet5", "lenet300100", "resnet")
+VGG_CFGS = {  # Simonyan and Zisserman (2015), as in the reference code's models/VGG.py ("M": max-pool)
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
+}
+
+
+def vgg_stack(cfg: Sequence, in_channels: int = 3, num_classes: int = 10, hidden: int = 512,
+              final_pool: int = 2) -> nn.Sequential:
+    """The reference's VGG as one Sequential: conv3x3-BN-ReLU per number in ``cfg`` ("M": 2x2 max-pool),
+    avg-pool ``final_pool``, flatten, Linear(cfg[-1], hidden)-BN-ReLU, Linear(hidden, classes)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+            c = v
+    layers += [nn.AvgPool2d(final_pool), nn.Flatten(), nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+               nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg(depth: int = 16, in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """VGG-``depth`` (11 or 16) of the neuron-merging reference code, as one :func:`vgg_stack` (chapter 4)."""
+    check_choice("depth", depth, tuple(VGG_CFGS))
+    return vgg_stack(VGG_CFGS[depth], in_channels, num_classes)
+
+
+MODELS = ("lenet5", "lenet300100", "resnet", "vgg")
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """A model by name: 'lenet5', 'lenet300100' or 'resnet' (kwargs: depth, width, in_channels, num_classes)."""
+    """A model by name: 'lenet5', 'lenet300100', 'resnet' or 'vgg' (kwargs: depth, width, in_channels,
+    num_classes)."""
     check_choice("model", name, MODELS)
-    cls = {"lenet5": LeNet5, "lenet300100": LeNet300100, "resnet": CifarResNet}[name]
-    return cls(**kwargs)
+    make = {"lenet5": LeNet5, "lenet300100": LeNet300100, "resnet": CifarResNet, "vgg": vgg}[name]
+    return make(**kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

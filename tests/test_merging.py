@@ -191,7 +191,7 @@ def test_automatic_chains_equal_naming_by_hand_on_lenet300100():
 
 
 def test_automatic_chains_equal_naming_by_hand_on_a_vgg_sequential():
-    net = _bench().randomise_bn(merging.vgg_stack((8, "M", 16, 16, "M", 32), 1, 10, hidden=24))
+    net = _bench().randomise_bn(models.vgg_stack((8, "M", 16, 16, "M", 32), 1, 10, hidden=24))
     x = torch.randn(4, 1, 8, 8)
     found = merging.find_chains(net, x[:1])
     by_hand = [Chain("0", "4", "1", "2"), Chain("4", "7", "5", "6"), Chain("7", "11", "8", "9"),
@@ -270,8 +270,22 @@ def test_vectorised_equals_the_per_neuron_loop(bn_scale):
 
 
 def test_vgg16_reference_ratios():
-    net = merging.vgg_stack(merging.VGG_CFGS[16], 3, 10)
+    net = models.vgg_stack(models.VGG_CFGS[16], 3, 10)
     ratios = merging.vgg16_reference_ratios(net)
     convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert ratios == {convs[0]: 0.5, **{c: 0.5 for c in convs[7:]}}
     assert len(merging.find_chains(net, torch.zeros(1, 3, 32, 32))) == 14
+
+
+def test_vgg_recipe_pads_28_pixel_images_to_32_and_builds_through_the_baseline_cache_path():
+    from pruning_utils import train
+
+    cfg = train.TrainConfig(epochs=1)
+    fashion = merging.vgg_recipe("fashion-mnist", cfg, depth=11, train_subset=100)
+    assert (fashion.model, fashion.pad, fashion.train_subset) == ("vgg", 2, 100)
+    assert train.build_for(fashion)(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    cifar = merging.vgg_recipe("cifar10", cfg)
+    assert cifar.pad == 0 and train.build_for(cifar)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert fashion.key(0) != merging.vgg_recipe("fashion-mnist", cfg, depth=16, train_subset=100).key(0)
+    with pytest.raises(merging.ParameterError, match="depth=13 is not allowed"):
+        merging.vgg_recipe("cifar10", cfg, depth=13)
