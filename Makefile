@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-pruning-book
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SIZE ?= default
+# MathJax 3 served from the book itself, so formulas render with no network (npm registry's package).
+MATHJAX_VERSION := 3.2.2
+MATHJAX := _assets/mathjax/tex-chtml.js
 
 .PHONY: book test setup data chapters html chapter clean
 
@@ -38,7 +41,13 @@ data:
 chapters:
 	$(PY) -m pruning_utils.chapters --size $(SIZE) book/chapters
 
-html:
+$(MATHJAX):
+	@mkdir -p build/mathjax _assets
+	cd build/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar xzf build/mathjax/mathjax-$(MATHJAX_VERSION).tgz -C build/mathjax
+	rm -rf _assets/mathjax && cp -r build/mathjax/package/es5 _assets/mathjax
+
+html: $(MATHJAX)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 

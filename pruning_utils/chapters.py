@@ -1,16 +1,20 @@
 """Execute the book's chapters with papermill: ``python -m pruning_utils.chapters --size default OUT``.
 
-``make book`` runs every chapter at its default size into ``book/chapters/`` and writes a page of run
-times there; the tests run the smoke size into ``build/smoke/``.
+``make book`` runs every chapter at its default size into ``book/chapters/`` and writes there a page of
+run times and the claims page (every claim of every executed chapter, :func:`claims.write_page`); the
+tests run the smoke size into ``build/smoke/``. Kernels start with the maths libraries' dynamic
+threading off (:func:`runtime.fixed_env`); each chapter then fixes its threads from its parameters.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import claims, runtime
 from .params import check_choice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +39,7 @@ def run_chapter(path: Path, out_dir: Path, size: str, extra: dict | None = None)
 
     check_choice("size", size, SIZES)
     out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(runtime.fixed_env())  # the kernel inherits it
     start = time.perf_counter()
     pm.execute_notebook(str(path), str(out_dir / path.name), parameters={"size": size, **(extra or {})},
                         kernel_name="python3", cwd=str(ROOT), progress_bar=False)
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  done in {seconds[path.stem]:.1f} s", flush=True)
     if not args.only:
         write_runtimes(args.out_dir, args.size, seconds)
+    print(f"claims page: {claims.write_page(args.out_dir)}", flush=True)
     return 0
 
 

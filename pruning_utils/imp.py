@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 from . import data as data_mod
+from . import runtime
 from . import train as train_mod
 from .params import ParameterError, check_choice
 from .progress import bar
@@ -119,7 +120,13 @@ def run(build: Callable[[], nn.Module], train: data_mod.Split, test: data_mod.Sp
         seed: int = 0, device: str = "auto", progress: bool = True) -> list[dict]:
     """IMP from a fresh ``build()``: train ``rewind_epochs`` and snapshot W_rewind; train the dense level
     from there; then each round prune, rewind to W_rewind (or keep the weights, for 'finetune') and
-    retrain. Returns one record per level: level, weights_remaining, test_acc, state (masks applied)."""
+    retrain. Returns one record per level: level, weights_remaining, test_acc, state (masks applied).
+    Everything runs on ``cfg.train.threads`` threads, whatever the process's own setting."""
+    with runtime.threads(cfg.train.threads):
+        return _run(build, train, test, cfg, seed, device, progress)
+
+
+def _run(build, train, test, cfg, seed, device, progress):
     train_mod.seed_everything(seed)
     model = build()
     pre = replace(cfg.train, epochs=cfg.rewind_epochs)
@@ -160,7 +167,7 @@ def run_cached(build: Callable[[], nn.Module], train: data_mod.Split, test: data
     if ckpt is not None:
         return ckpt["levels"], True
     levels = run(build, train, test, cfg, seed=seed, device=device, progress=progress)
-    train_mod.save_atomic({"key": key, "levels": levels}, path)
+    train_mod.save_checkpoint({"key": key, "levels": levels}, path)
     return levels, False
 
 
@@ -183,8 +190,9 @@ def _run_job(job: Job, train: data_mod.Split, test: data_mod.Split, device: str,
 def run_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, device: str = "auto",
              workers: int = 1, progress: bool = True, directory: Path | None = None) -> list[list[dict]]:
     """:func:`run_cached` for independent runs (trials, variants), in job order. Cached runs are loaded;
-    the others run here (``workers=1``) or in ``workers`` spawned processes of one thread each, longest
-    first, which on a small CPU model is up to ``workers`` times faster (a round itself is sequential)."""
+    the others run here (``workers=1``) or in ``workers`` spawned processes, longest first, which on a
+    small CPU model is up to ``workers`` times faster (a round itself is sequential). Each run trains on
+    its recipe's thread count, so ``workers`` changes the time taken, never the result."""
     if not isinstance(workers, int) or workers < 1:
         raise ParameterError(f"workers={workers!r} is not allowed; expected an int >= 1")
     results: list[list[dict] | None] = [None] * len(jobs)
@@ -204,9 +212,9 @@ def run_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, de
             results[i] = _run_job(jobs[i], train, test, device, directory)
             pbar.update()
     else:
-        threads = max(1, torch.get_num_threads() // workers)
+        threads = max(jobs[i].cfg.train.threads for i in todo)  # each run also pins its own (see run)
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                                 initializer=runtime.configure, initargs=(threads,)) as pool:
             futures = {pool.submit(_run_job, jobs[i], train, test, device, directory): i for i in todo}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()

@@ -20,6 +20,12 @@ from .params import ParameterError, check_choice
 RESNET_DEPTHS = (8, 14, 20, 32, 56)
 
 
+# LeNet5's three conv layers by paper 000's names (its conv1..conv3 are c1, c3, c5): the conv module whose
+# filters are scored and pruned, and the ReLU whose maps are the filters' activations. Chapters 1, 5, 6.
+LENET5_LAYERS = {"conv1": ("convnet.c1", "convnet.relu1"), "conv2": ("convnet.c3", "convnet.relu3"),
+                 "conv3": ("convnet.c5", "convnet.relu5")}
+
+
 class LeNet5(nn.Module):
     """LeNet5 of paper 000: c1-relu1-s2-c3-relu3-s4-c5-relu5 then f6-relu6-f7-sig7 (LogSoftmax).
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from .params import Param, ParameterError, resolve
+from .runtime import MAX_SEED
 
 _COMMON = {
-    "seed": Param("random seed of training and sampling", int, lo=0),
+    "seeds": Param("seeds of the runs the chapter repeats (training, sampling)", int, lo=0, hi=MAX_SEED,
+                   many=True),
+    "threads": Param("torch CPU threads of the chapter's own work (training recipes fix their own)", int,
+                     lo=1, hi=256),
     "device": Param("where to compute", choices=("auto", "cpu", "cuda")),
     "download": Param("allow torchvision downloads of data sets that are missing", bool),
 }
+_COMMON_DEFAULT = {"seeds": [0], "threads": 2, "device": "auto", "download": False}
 
 _NO_OVERRIDES = {"lenet5_dataset": None, "resnet_dataset": None, "resnet_depth": None,
                  "lenet5_epochs": None, "lenet300_epochs": None, "resnet_epochs": None}
@@ -32,14 +37,14 @@ CHAPTERS: dict[str, tuple[dict[str, Param], dict[str, dict]]] = {
             "resnet_epochs": Param("training epochs of the ResNet", int, lo=1, optional=True),
         },
         {
-            "smoke": {"seed": 0, "device": "auto", "download": False, **_NO_OVERRIDES},
-            "default": {"seed": 0, "device": "auto", "download": False, **_NO_OVERRIDES},
-            "full": {"seed": 0, "device": "auto", "download": True, **_NO_OVERRIDES},
+            "smoke": {**_COMMON_DEFAULT, **_NO_OVERRIDES},
+            "default": {**_COMMON_DEFAULT, **_NO_OVERRIDES},
+            "full": {**_COMMON_DEFAULT, "download": True, **_NO_OVERRIDES},
         },
     ),
 }
 
-_TREES_DEFAULT = {"seed": 0, "device": "auto", "download": False, "dataset": None,
+_TREES_DEFAULT = {**_COMMON_DEFAULT, "dataset": None,
                   "layers": ["relu1", "relu3", "relu5"], "aggregation": "mean", "topk": 5,
                   "tree_backend": "xgboost", "tree_depth": None, "n_estimators": 500, "pruning_steps": 12, "histogram_layer": "relu3",
                   "compare_estimators": 100, "cnn_fractions": [0.0, 0.25, 0.5, 0.75, 0.9],
@@ -76,14 +81,7 @@ CHAPTERS["decision_trees"] = (  # chapter 1, paper 000
 )
 
 
-def chapter_params(chapter: str, size: str = "default", **overrides) -> SimpleNamespace:
-    """The validated parameters of ``chapter`` at run ``size``, with the overrides that are not None."""
-    if chapter not in CHAPTERS:
-        raise ParameterError(f"chapter={chapter!r} is not allowed; choose one of {', '.join(map(repr, CHAPTERS))}")
-    spec, sizes = CHAPTERS[chapter]
-    return resolve(spec, sizes, size, overrides)
-
-_CLASS_FILTERS_DEFAULT = {"seed": 0, "device": "auto", "download": False, "dataset": None,
+_CLASS_FILTERS_DEFAULT = {**_COMMON_DEFAULT, "dataset": None,
                           "max_images": 10000, "max_test_images": None, "k1": 5, "k2": 5,
                           "k1_values": [1, 2, 3, 5, 8, 10, 16, 32, 64], "k2_values": [1, 2, 3, 5, 8, 10, 16, 32, 64],
                           "mass": 0.9, "random_seeds": 5, "retrain_epochs": 5, "retrain_lr": 1e-4,
@@ -130,7 +128,7 @@ CHAPTERS["class_filters"] = (  # chapter 3, paper 002
 
 _RESNET_BLOCKS = ("layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2",
                   "layer3.0", "layer3.1", "layer3.2")
-_CAUSAL_DEFAULT = {"seed": 0, "device": "auto", "download": False, "threads": 1,
+_CAUSAL_DEFAULT = {**_COMMON_DEFAULT, "threads": 1,
                    "lenet_layers": ["c1", "c3", "c5"], "resnet_blocks": list(_RESNET_BLOCKS),
                    "interventions": ["zero", "mean"], "resnet_interventions": ["zero"], "rank_outcome": "kl",
                    "images": 1000, "resnet_images": 128, "bootstrap": 1000,
@@ -143,7 +141,6 @@ _CAUSAL_DEFAULT = {"seed": 0, "device": "auto", "download": False, "threads": 1,
 CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
     {
         **_COMMON,
-        "threads": Param("torch CPU threads for the whole chapter (latency is timed with this many)", int, lo=1),
         "lenet_layers": Param("LeNet5 conv layers whose filters are ranked and pruned", choices=("c1", "c3", "c5"),
                               many=True),
         "resnet_blocks": Param("ResNet-20 blocks whose inner conv (conv1) is ranked and pruned",
@@ -187,7 +184,7 @@ CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
     },
 )
 
-_MERGING_DEFAULT = {"seed": 0, "device": "auto", "download": False, "ratios": [0.5, 0.6, 0.7, 0.8],
+_MERGING_DEFAULT = {**_COMMON_DEFAULT, "ratios": [0.5, 0.6, 0.7, 0.8],
                     "criteria": ["l1", "l2", "l2-GM"], "fc_threshold": 0.45,
                     "threshold_sweep": [-1.0, 0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9],
                     "conv_model": "resnet20", "conv_dataset": None, "conv_ratios": [0.1, 0.3, 0.5],
@@ -229,7 +226,7 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
     },
 )
 
-_DISSECTION_DEFAULT = {"seed": 0, "device": "auto", "download": False, "images": 1200, "val_images": 400,
+_DISSECTION_DEFAULT = {**_COMMON_DEFAULT, "images": 1200, "val_images": 400,
                        "resolution": 32, "depth": 8, "width": 8, "epochs": 14, "rewind_epochs": 1, "lr": 0.2,
                        "batch_size": 64, "target_remaining": 0.1, "rate": 0.2, "trials": 2, "quantile": 0.005,
                        "cutoff": 0.04, "structured": True, "finetune_epochs": 1, "workers": 2, "grid_units": 4,
@@ -250,7 +247,7 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
         "target_remaining": Param("prune until at most this share of weights remains", float, lo=0.001, hi=0.99),
         "rate": Param("share of the remaining weights removed per round", float, lo=0.01, hi=0.9),
         "trials": Param("IMP trials (seeds)", int, lo=1),
-        "quantile": Param("q of the unit threshold, P(a_k > T_k) = q", float, lo=1e-4, hi=0.5),
+        "quantile": Param("q of the unit threshold T_k: the share q of activations lies above T_k", float, lo=1e-4, hi=0.5),
         "cutoff": Param("IoU above which a unit is interpretable (code 0.04, paper 0.05)", float, lo=0.0, hi=0.9),
         "structured": Param("also run whole-filter pruning (beyond the paper)", bool),
         "finetune_epochs": Param("epochs of standard fine-tuning per round (0: skip that variant)", int, lo=0),
@@ -271,3 +268,116 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
                  "trials": 3, "workers": 1, "resnet50": True},
     },
 )
+
+
+# The notebook of each chapter (notebooks/<stem>.ipynb) and its key in CHAPTERS.
+NOTEBOOKS = {"00_baselines": "baselines", "01_decision_tree_pruning": "decision_trees",
+             "02_dissecting_pruned_networks": "dissection", "03_class_specific_filters": "class_filters",
+             "04_neuron_merging": "neuron_merging", "05_causal_pruning": "causal_pruning"}
+SIZES = ("smoke", "default", "full")
+# Names a notebook may hold when it calls start(): IPython's own and those its cells import.
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open", "display"}
+
+
+def chapter_params(chapter: str, size: str = "default", **overrides) -> SimpleNamespace:
+    """The validated parameters of ``chapter`` at run ``size``, with the overrides that are not None.
+    ``P.seed`` is the first of ``P.seeds``, for work done once."""
+    if chapter not in CHAPTERS:
+        raise ParameterError(f"chapter={chapter!r} is not allowed; choose one of {', '.join(map(repr, CHAPTERS))}")
+    spec, sizes = CHAPTERS[chapter]
+    P = resolve(spec, sizes, size, overrides)
+    P.seed = P.seeds[0]
+    return P
+
+
+def start(chapter: str, namespace: dict) -> SimpleNamespace:
+    """The first call of every chapter, with the notebook's ``globals()``: collect the parameters (the
+    ``parameters`` cell as papermill's injected cell left them), stop on any name the chapter does not
+    declare (naming the closest ones: papermill itself only warns), resolve None from the run size's
+    preset, validate, and fix the process's threads and determinism (:func:`runtime.configure`)."""
+    import types
+
+    from . import runtime
+    from .params import unknown_error
+
+    if chapter not in CHAPTERS:
+        raise ParameterError(f"chapter={chapter!r} is not allowed; choose one of {', '.join(map(repr, CHAPTERS))}")
+    spec, _ = CHAPTERS[chapter]
+    given = {k: v for k, v in namespace.items()
+             if not k.startswith("_") and k not in _IPYTHON_NAMES
+             and not isinstance(v, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))}
+    unknown = set(given) - set(spec) - {"size"}
+    if unknown:
+        raise unknown_error(unknown, [*spec, "size"], "parameter")
+    if "size" not in given:
+        raise ParameterError("the parameters cell must set size; choose one of " + ", ".join(map(repr, SIZES)))
+    P = chapter_params(chapter, given["size"], **{k: v for k, v in given.items() if k != "size"})
+    runtime.configure(P.threads)
+    return P
+
+
+def table(P: SimpleNamespace):
+    """The parameters of this run as a one-column table, for the top of a chapter."""
+    import pandas as pd
+
+    values = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in vars(P).items() if k != "seed"}
+    return pd.DataFrame({"value": {k: str(v) for k, v in values.items()}}).rename_axis("parameter")
+
+
+def _short(value) -> str:
+    return repr(value) if not isinstance(value, list) else "[" + ", ".join(map(repr, value)) + "]"
+
+
+def parameters_cell(chapter: str, width: int = 100) -> str:
+    """The text of the notebook's ``parameters`` cell, generated from CHAPTERS so that each parameter is
+    declared once: a line per parameter with its rule and its preset per run size (``None`` takes the
+    preset). ``python -m pruning_utils.presets`` writes these cells into the notebooks."""
+    spec, sizes = CHAPTERS[chapter]
+    lines = [f'size = "default"  # run size: {" | ".join(map(repr, SIZES))}']
+    for name, rule in spec.items():
+        default = sizes["default"][name]
+        others = [f"{sz}: {_short(sizes[sz][name])}" for sz in SIZES
+                  if sz != "default" and sizes[sz][name] != default]
+        comment = f"{rule.doc}; {rule.allowed()}. Preset {_short(default)}"
+        comment += f" ({'; '.join(others)})" if others else ""
+        comment = comment.replace(" = ", "=")  # papermill cannot parse a comment holding " = "
+        head = f"{name} = None  # "
+        words, line, out = comment.split(" "), head, []
+        for w in words:
+            if len(line) + len(w) + 1 > width and line.strip() not in ("#", head.strip()):
+                out.append(line.rstrip())
+                line = "#   "
+            line += w + " "
+        out.append(line.rstrip())
+        lines += out
+    return "\n".join(lines) + "\n"
+
+
+def write_parameter_cells(notebooks_dir) -> list[str]:
+    """Rewrite the ``parameters`` cell of each chapter notebook from :func:`parameters_cell`; return the
+    stems changed."""
+    import json
+    from pathlib import Path
+
+    changed = []
+    for stem, chapter in NOTEBOOKS.items():
+        path = Path(notebooks_dir) / f"{stem}.ipynb"
+        if not path.exists():
+            continue
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        text = parameters_cell(chapter)
+        if "".join(cell["source"]) != text:
+            cell["source"] = text.splitlines(keepends=True)
+            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            changed.append(stem)
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "notebooks"
+    print("rewrote:", ", ".join(write_parameter_cells(root)) or "nothing")
+    sys.exit(0)

@@ -88,21 +88,28 @@ def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int,
     return int(macs), int(params)
 
 
-def sweep(model: nn.Module, layer: str, rankings: dict[str, Sequence[int]], fractions: Sequence[float],
+def sweep(model: nn.Module, layer: str, orders: dict[str, Sequence[int]], fractions: Sequence[float],
           example_input: torch.Tensor, evaluate: Callable[[nn.Module], float],
-          finetune: Callable[[nn.Module], object] | None = None, progress: bool = True) -> list[dict]:
-    """Prune ``layer`` by each ranking (least important first) at each fraction of its filters: remove
-    them physically, evaluate, then (with ``finetune``) fine-tune the pruned copy and evaluate again.
-    Rows carry the ranking, the fraction really removed, accuracies, MACs and parameters."""
+          finetune: Callable[[nn.Module], object] | None = None, progress: bool = True,
+          random_seeds: Sequence[int] = ()) -> list[dict]:
+    """The book's one pruning sweep of a layer: for each criterion's order (filter indices, least
+    important first; see :func:`criteria.ranking`) and for a random order per seed in ``random_seeds``
+    (the null), remove each fraction of the filters physically, evaluate, then (with ``finetune``)
+    fine-tune the pruned copy and evaluate again. Rows carry the criterion, the random seed (None for
+    the deterministic criteria), the fraction really removed, accuracies, MACs and parameters."""
+    from .criteria import Random, Target, ranking
+
     n = module(model, layer).weight.shape[0]
+    jobs = [(name, None, list(order)) for name, order in orders.items()]
+    jobs += [("random", s, ranking(Random(s).score(model, Target(layer)))) for s in random_seeds]
     rows = []
-    jobs = [(name, f) for name in rankings for f in fractions]
-    for name, f in bar(jobs, desc=f"pruning {layer}", disable=not progress, leave=False):
+    work = [(job, f) for job in jobs for f in fractions]
+    for (name, seed, order), f in bar(work, desc=f"pruning {layer}", disable=not progress, leave=False):
         k = n_removed(f, n)
-        pruned = remove_channels(model, layer, list(rankings[name])[:k], example_input)
+        pruned = remove_channels(model, layer, order[:k], example_input)
         macs, params = macs_and_params(pruned, example_input)
-        row = {"layer": layer, "ranking": name, "fraction": k / n, "removed": k, "accuracy": evaluate(pruned),
-               "macs": macs, "params": params}
+        row = {"layer": layer, "criterion": name, "seed": seed, "target_fraction": f, "fraction": k / n,
+               "removed": k, "accuracy": evaluate(pruned), "macs": macs, "params": params}
         if finetune is not None:
             finetune(pruned)
             row["accuracy_finetuned"] = evaluate(pruned)

@@ -9,34 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import random
+import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .progress import bar
 
 from . import data as data_mod
-from . import models
+from . import models, runtime
 from .params import check_choice
+from .runtime import seed_everything  # noqa: F401  (re-exported: the book's one seeding function)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch Generator seeded the same, for shuffling."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def get_device(device: str = "auto") -> torch.device:
@@ -53,7 +47,9 @@ def get_device(device: str = "auto") -> torch.device:
 class TrainConfig:
     """Optimiser and schedule. ``augment`` adds random 4-pixel shifts and horizontal flips (CIFAR);
     ``channels_last`` trains conv nets in NHWC memory layout (about 1.7x faster on CPU for ResNets);
-    ``eval_every`` evaluates on the test split every that many epochs (and always after the last).
+    ``eval_every`` evaluates on the test split every that many epochs (and always after the last);
+    ``threads`` is the intra-op thread count training runs with, part of the recipe because the weights
+    depend on it (see :mod:`pruning_utils.runtime`).
     """
 
     epochs: int = 10
@@ -68,10 +64,13 @@ class TrainConfig:
     augment: bool = False
     channels_last: bool = False
     eval_every: int = 1
+    threads: int = runtime.DEFAULT_THREADS
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads={self.threads!r} is not allowed; expected an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -105,17 +104,126 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNING_BOOK_CACHE", Path.home() / ".cache" / "pruning_book" / "checkpoints"))
 
 
+class CacheNotWritable(PermissionError):
+    """The checkpoint cache cannot be written, so a trained model would be lost."""
+
+
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, max_age: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete the ``*.tmp`` files that an interrupted :func:`save_atomic` left in ``folder``: those whose
+    writer (the process id in the name) has exited, and any older than ``max_age`` seconds."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for tmp in folder.glob("*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 3)[-3]) if tmp.name.count(".") >= 3 else None
+        except ValueError:
+            pid = None
+        try:
+            old = now - tmp.stat().st_mtime > max_age
+        except FileNotFoundError:
+            continue
+        if old or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def ensure_writable(folder: Path) -> None:
+    """Raise :class:`CacheNotWritable`, saying how to choose another folder, unless ``folder`` can be
+    created and written; called before any training, so no work is lost to a failed save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CacheNotWritable(
+            f"the checkpoint cache {folder} is not writable ({type(err).__name__}: {err}); set "
+            "PRUNING_BOOK_CACHE to a folder you can write, e.g. `export PRUNING_BOOK_CACHE=$HOME/pruning-cache`"
+        ) from err
+
+
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename it over ``path``."""
+    """torch.save to a temporary file in the same folder (named with this process id), then rename it
+    over ``path``; a folder squatting on ``path`` is removed first, stale temporaries are cleaned."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_dir() and not path.is_symlink():
+            warnings.warn(f"{path} is a folder where a checkpoint belongs; replacing it", stacklevel=2)
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def content_hash(obj) -> str:
+    """SHA-256 of a checkpoint's content: nested dicts (in key order), lists and tensors (name, dtype,
+    shape and bytes) and plain values. Stored with each checkpoint, so damage inside a tensor, which
+    ``torch.load`` does not detect, is caught on load."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}|".encode())
+            for k in sorted(x, key=str):
+                h.update(f"{k!s}:".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}|".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r}|".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _finite(obj) -> bool:
+    return all(torch.isfinite(t).all().item() for t in _tensors(obj) if t.is_floating_point())
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """:func:`save_atomic` of ``payload`` plus its :func:`content_hash` under ``"sha256"``."""
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    save_atomic({**body, "sha256": content_hash(body)}, path)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -170,7 +278,13 @@ def _make_optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
 def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cfg: TrainConfig, *,
         seed: int = 0, device: str | torch.device = "auto", progress: bool = True,
         desc: str = "train") -> dict:
-    """Train ``model`` in place with ``cfg``; return its history (per-step loss, per-epoch accuracies)."""
+    """Train ``model`` in place with ``cfg`` on ``cfg.threads`` threads; return its history (per-step loss,
+    per-epoch accuracies)."""
+    with runtime.threads(cfg.threads):
+        return _fit(model, train, test, cfg, seed, device, progress, desc)
+
+
+def _fit(model, train, test, cfg, seed, device, progress, desc):
     device = get_device(device) if isinstance(device, str) else device
     gen = seed_everything(seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -210,31 +324,63 @@ def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cf
 
 
 def load_checkpoint(path: Path, key: str, fields: tuple[str, ...] = ("state_dict",)) -> dict | None:
-    """The checkpoint at ``path`` if it loads, carries ``key`` and has ``fields``; None (with a warning) if
-    it is broken."""
+    """The checkpoint at ``path`` if it loads (``weights_only=True``), carries ``key`` and ``fields``, its
+    content matches the stored hash (:func:`save_checkpoint`) and is finite, and its record (if any) is a
+    dict; else None, with a warning naming the file, so that the caller recomputes it."""
     if not path.exists():
         return None
     try:
+        if path.is_dir():
+            raise IsADirectoryError("a folder, not a file")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("key") != key or any(f not in ckpt for f in fields):
-            raise ValueError("key mismatch or missing fields")
+        if not isinstance(ckpt, dict) or ckpt.get("key") != key:
+            raise ValueError("not a checkpoint of this recipe (key mismatch)")
+        missing = [f for f in fields if f not in ckpt]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        for f in fields:
+            if f == "record" and not isinstance(ckpt[f], dict):
+                raise ValueError(f"'record' is a {type(ckpt[f]).__name__}, not a dict")
+        body = {k: v for k, v in ckpt.items() if k != "sha256"}
+        if ckpt.get("sha256") != content_hash(body):
+            raise ValueError("the content does not match its stored hash (damaged or unhashed file)")
+        if not _finite(body):
+            raise ValueError("the weights hold NaN or infinity")
         return ckpt
-    except Exception as err:  # a truncated or foreign file: report it and retrain
+    except Exception as err:  # a truncated, damaged or foreign file: report it and recompute
         warnings.warn(f"checkpoint {path} is unusable ({type(err).__name__}: {err}); retraining", stacklevel=2)
         return None
+
+
+def check_trained(acc: float, n_classes: int, what: str, margin: float = 0.1) -> float:
+    """Return ``acc`` unless it is within ``margin`` of chance (1 / ``n_classes``); then stop the chapter
+    with an error naming the model, because every result built on an untrained network is an artefact."""
+    chance = 1.0 / n_classes
+    if not math.isfinite(acc) or acc < chance + margin:
+        raise UntrainedModel(
+            f"{what} reached test accuracy {acc:.3f}, within {margin:.2f} of chance ({chance:.3f}): it did not "
+            "learn its task, and nothing measured on it would mean anything. Train it longer or at another "
+            "learning rate (the chapter's epochs / lr parameters), or check the data.")
+    return acc
+
+
+class UntrainedModel(RuntimeError):
+    """A model that a chapter depends on is at (or near) chance accuracy."""
 
 
 def train_cached(recipe: Recipe, seed: int = 0, *, device: str = "auto", download: bool = False,
                  progress: bool = True, directory: Path | None = None) -> tuple[nn.Module, dict]:
     """Load the model for ``recipe`` and ``seed`` from the cache, or train it there; return (model, record).
 
-    The record holds the history, the test accuracy and ``cached`` (whether it came from the cache).
+    The record holds the history, the test accuracy and ``cached`` (whether it came from the cache). A
+    cache entry that is damaged, foreign or malformed is retrained (with a warning naming the file).
     """
     key = recipe.key(seed)
-    path = (directory or cache_dir()) / f"{recipe.model}-{recipe.dataset}-{key}.pt"
+    folder = Path(directory) if directory is not None else cache_dir()
+    path = folder / f"{recipe.model}-{recipe.dataset}-{key}.pt"
     seed_everything(seed)
     model = build_for(recipe)
-    ckpt = load_checkpoint(path, key)
+    ckpt = load_checkpoint(path, key, ("state_dict", "record"))
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["state_dict"])
@@ -243,6 +389,7 @@ def train_cached(recipe: Recipe, seed: int = 0, *, device: str = "auto", downloa
             warnings.warn(f"checkpoint {path} does not fit the model ({err}); retraining", stacklevel=2)
             seed_everything(seed)
             model = build_for(recipe)
+    ensure_writable(folder)
     train = data_mod.load(recipe.dataset, "train", pad=recipe.pad, download=download, seed=seed)
     train = train.subset(recipe.train_subset, seed)
     test = data_mod.load(recipe.dataset, "test", pad=recipe.pad, download=download, seed=seed)
@@ -250,7 +397,7 @@ def train_cached(recipe: Recipe, seed: int = 0, *, device: str = "auto", downloa
                   desc=f"{recipe.model} on {recipe.dataset}")
     record = {"history": history, "test_acc": history["test_acc"][-1], "n_train": len(train),
               "n_test": len(test)}
-    save_atomic({"key": key, "state_dict": model.state_dict(), "record": record}, path)
+    save_checkpoint({"key": key, "state_dict": model.state_dict(), "record": record}, path)
     return model.eval(), {**record, "cached": False, "path": str(path)}
 
 

@@ -1,0 +1,413 @@
+"""Claims as data: each paper's claims declared once, measured over seeds, decided by tested rules.
+
+A :class:`Claim` holds the paper's statement and number (from :mod:`pruning_utils.reference`), what we
+measure, and the :class:`Rule` that decides it, with its constants named, fixed here before any result
+is seen. A chapter measures the quantity over seeds (an :class:`Estimate`: mean, 95% interval, n) and
+calls :func:`decide`; the verdict is one of :class:`Verdict`: holds, does not hold, inconclusive (the
+interval straddles the threshold), or cannot be tested here. :func:`publish` shows the table and glues
+the results into the executed notebook, from which :func:`write_page` builds the book's claims page.
+
+Every rule can come out either way: "holds" needs the whole interval on the paper's side of the
+threshold, "does not hold" the whole interval on the other side.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+LEVEL = 0.95  # every interval in the book is a 95% interval
+
+
+class Verdict(str, Enum):
+    """The four outcomes of a claim."""
+
+    HOLDS = "holds"
+    DOES_NOT_HOLD = "does not hold"
+    INCONCLUSIVE = "inconclusive"
+    UNTESTABLE = "cannot be tested here"
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured quantity: its mean, a ``LEVEL`` interval [lo, hi] (NaN where none can be computed, e.g.
+    from one seed), the number of independent values ``n`` behind it, and how the interval was made."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    method: str = "t over seeds"
+    values: tuple[float, ...] = ()
+
+    @classmethod
+    def over_seeds(cls, values: Sequence[float], level: float = LEVEL) -> "Estimate":
+        """Mean of per-seed values and Student's t interval, mean ± t(n-1) s / sqrt(n); no interval
+        (NaN) from a single value. Non-finite values are an error: a NaN must not pass as a number."""
+        v = np.asarray(list(values), dtype=float)
+        if v.size == 0:
+            raise ValueError("an estimate needs at least one value")
+        if not np.isfinite(v).all():
+            raise ValueError(f"values {v.tolist()} hold NaN or infinity")
+        mean = float(v.mean())
+        if v.size == 1:
+            return cls(mean, math.nan, math.nan, 1, "one seed: no interval", tuple(v.tolist()))
+        from scipy.stats import t
+
+        half = float(t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+        return cls(mean, mean - half, mean + half, int(v.size), "t over seeds", tuple(v.tolist()))
+
+    @classmethod
+    def paired(cls, a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> "Estimate":
+        """The per-seed difference a - b (paired: same seed, same test images), over seeds."""
+        a, b = np.asarray(list(a), float), np.asarray(list(b), float)
+        if a.shape != b.shape:
+            raise ValueError(f"paired values need the same seeds: {a.shape} vs {b.shape}")
+        return cls.over_seeds(a - b, level)
+
+    @classmethod
+    def paired_images(cls, correct_a: np.ndarray, correct_b: np.ndarray, level: float = LEVEL) -> "Estimate":
+        """Accuracy difference of two models on the same test images, from per-image correctness (0/1,
+        shape (..., images); leading axes are averaged first): mean difference ± z * SE of the paired
+        per-image differences, the standard error of the comparison itself."""
+        a = np.asarray(correct_a, float).reshape(-1, np.shape(correct_a)[-1]).mean(0)
+        b = np.asarray(correct_b, float).reshape(-1, np.shape(correct_b)[-1]).mean(0)
+        d = a - b
+        from scipy.stats import norm
+
+        half = float(norm.ppf(0.5 + level / 2) * d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+        return cls(float(d.mean()), float(d.mean()) - half, float(d.mean()) + half, int(d.size),
+                   "paired over test images")
+
+    @classmethod
+    def proportion(cls, successes: int, n: int, level: float = LEVEL) -> "Estimate":
+        """A share measured on ``n`` independent items (e.g. one model's accuracy on n test images), with
+        Wilson's score interval."""
+        if n <= 0:
+            raise ValueError("a proportion needs n >= 1")
+        from scipy.stats import norm
+
+        z = float(norm.ppf(0.5 + level / 2))
+        p = successes / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return cls(p, centre - half, centre + half, n, "Wilson over items")
+
+    @classmethod
+    def bootstrap(cls, point: float, samples: Sequence[float], n: int, level: float = LEVEL,
+                  method: str = "percentile bootstrap") -> "Estimate":
+        """A point estimate with the percentile interval of its bootstrap ``samples``."""
+        s = np.asarray(list(samples), float)
+        lo, hi = np.quantile(s, [0.5 - level / 2, 0.5 + level / 2]) if s.size else (math.nan, math.nan)
+        return cls(float(point), float(lo), float(hi), int(n), method)
+
+    @property
+    def has_interval(self) -> bool:
+        return _finite(self.lo) and _finite(self.hi)
+
+    def text(self, fmt: str = ".3f") -> str:
+        """'0.912 ± 0.010 (n = 3)', or '0.912 [0.890, 0.925] (n = 3)' for an asymmetric interval."""
+        if not _finite(self.mean):
+            return "not measured"
+        if not self.has_interval:
+            return f"{self.mean:{fmt}} (n = {self.n}, no interval)"
+        lo, hi = self.mean - self.lo, self.hi - self.mean
+        if abs(lo - hi) <= 1e-9 * max(1.0, abs(self.mean)):
+            return f"{self.mean:{fmt}} ± {hi:{fmt}} (n = {self.n})"
+        return f"{self.mean:{fmt}} [{self.lo:{fmt}}, {self.hi:{fmt}}] (n = {self.n})"
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "method": self.method}
+
+
+class Rule:
+    """How a claim is decided from an :class:`Estimate`."""
+
+    def decide(self, est: Estimate) -> Verdict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _untestable_or_none(est: Estimate | None) -> Verdict | None:
+    if est is None or not _finite(est.mean):
+        return Verdict.UNTESTABLE
+    if not est.has_interval:
+        return Verdict.INCONCLUSIVE
+    return None
+
+
+@dataclass(frozen=True)
+class Above(Rule):
+    """Holds when the whole interval lies above ``threshold``; does not hold when it lies wholly at or
+    below; inconclusive when it straddles. ``what`` names the threshold in words."""
+
+    threshold: float
+    what: str = ""
+
+    def decide(self, est):
+        early = _untestable_or_none(est)
+        if early is not None:
+            return early
+        if est.lo > self.threshold:
+            return Verdict.HOLDS
+        if est.hi <= self.threshold:
+            return Verdict.DOES_NOT_HOLD
+        return Verdict.INCONCLUSIVE
+
+    def describe(self):
+        return f"interval above {self.threshold:g}" + (f" ({self.what})" if self.what else "")
+
+
+@dataclass(frozen=True)
+class Below(Rule):
+    """Holds when the whole interval lies below ``threshold``; does not hold when it lies wholly at or
+    above; inconclusive when it straddles."""
+
+    threshold: float
+    what: str = ""
+
+    def decide(self, est):
+        early = _untestable_or_none(est)
+        if early is not None:
+            return early
+        if est.hi < self.threshold:
+            return Verdict.HOLDS
+        if est.lo >= self.threshold:
+            return Verdict.DOES_NOT_HOLD
+        return Verdict.INCONCLUSIVE
+
+    def describe(self):
+        return f"interval below {self.threshold:g}" + (f" ({self.what})" if self.what else "")
+
+
+@dataclass(frozen=True)
+class Between(Rule):
+    """Holds when the whole interval lies inside [lo, hi] (e.g. 'within 0.01 of the paper'); does not
+    hold when it lies wholly outside; inconclusive otherwise."""
+
+    lo: float
+    hi: float
+    what: str = ""
+
+    def __post_init__(self):
+        if not self.lo <= self.hi:
+            raise ValueError(f"Between needs lo <= hi, got {self.lo} > {self.hi}")
+
+    def decide(self, est):
+        early = _untestable_or_none(est)
+        if early is not None:
+            return early
+        if self.lo <= est.lo and est.hi <= self.hi:
+            return Verdict.HOLDS
+        if est.hi < self.lo or est.lo > self.hi:
+            return Verdict.DOES_NOT_HOLD
+        return Verdict.INCONCLUSIVE
+
+    def describe(self):
+        return f"interval inside [{self.lo:g}, {self.hi:g}]" + (f" ({self.what})" if self.what else "")
+
+
+def combine(verdicts: Sequence[Verdict]) -> Verdict:
+    """A claim made of parts ('at every layer'): holds if every testable part holds; does not hold if any
+    part does not; inconclusive otherwise; cannot be tested if no part can."""
+    vs = [v for v in verdicts if v is not Verdict.UNTESTABLE]
+    if not vs:
+        return Verdict.UNTESTABLE
+    if any(v is Verdict.DOES_NOT_HOLD for v in vs):
+        return Verdict.DOES_NOT_HOLD
+    if all(v is Verdict.HOLDS for v in vs):
+        return Verdict.HOLDS
+    return Verdict.INCONCLUSIVE
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of one paper, declared once: where it lives (chapter stem and the MyST label of its
+    section), the paper's statement and number, what we measure, and the rule that decides it."""
+
+    key: str
+    chapter: str
+    section: str
+    statement: str
+    paper: str
+    measure: str
+    rule: Rule
+    parts: str = ""  # for claims made of parts ("every layer"): what a part is; the rule applies to each
+
+
+@dataclass(frozen=True)
+class Result:
+    """A decided claim: the verdict, the estimate (or one per part) and a note (why a number differs,
+    which sources of variance the seeds cover)."""
+
+    claim: Claim
+    verdict: Verdict
+    estimate: Estimate | None = None
+    parts: Mapping[str, Estimate] = field(default_factory=dict)
+    part_verdicts: Mapping[str, Verdict] = field(default_factory=dict)
+    note: str = ""
+    fmt: str = ".3f"
+
+    def ours(self) -> str:
+        """Our number(s) in words: mean ± interval (n), per part where the claim has parts."""
+        if self.parts:
+            return "; ".join(f"{name}: {e.text(self.fmt)}" for name, e in self.parts.items())
+        if self.estimate is None:
+            return "not measured"
+        return self.estimate.text(self.fmt)
+
+    def to_dict(self) -> dict:
+        c = self.claim
+        return {"key": c.key, "chapter": c.chapter, "section": c.section, "statement": c.statement,
+                "paper": c.paper, "measure": c.measure, "rule": c.rule.describe(), "parts_are": c.parts,
+                "verdict": self.verdict.value, "ours": self.ours(), "note": self.note,
+                "estimate": self.estimate.to_dict() if self.estimate is not None else None,
+                "parts": {k: {**e.to_dict(), "verdict": self.part_verdicts.get(k, Verdict.UNTESTABLE).value}
+                          for k, e in self.parts.items()}}
+
+
+CLAIMS: dict[str, Claim] = {}
+
+
+def declare(key: str, chapter: str, section: str, statement: str, paper: str, measure: str, rule: Rule,
+            parts: str = "") -> Claim:
+    """Add a claim to the registry (each key once)."""
+    if key in CLAIMS:
+        raise ValueError(f"claim {key!r} is declared twice")
+    CLAIMS[key] = Claim(key, chapter, section, statement, paper, measure, rule, parts)
+    return CLAIMS[key]
+
+
+def of_chapter(chapter: str) -> list[Claim]:
+    """The claims of one chapter (notebook stem), in declaration order."""
+    return [c for c in CLAIMS.values() if c.chapter == chapter]
+
+
+def decide(key: str, estimate: Estimate | Mapping[str, Estimate] | None, note: str = "",
+           fmt: str = ".3f") -> Result:
+    """Decide claim ``key`` by its rule: on one estimate, or on each part of a mapping (then
+    :func:`combine`). ``None`` (nothing measured) gives "cannot be tested here"; say why in ``note``."""
+    claim = CLAIMS[key]
+    if estimate is None:
+        return Result(claim, Verdict.UNTESTABLE, None, note=note, fmt=fmt)
+    if isinstance(estimate, Mapping):
+        if not estimate:
+            return Result(claim, Verdict.UNTESTABLE, None, note=note, fmt=fmt)
+        part_verdicts = {name: claim.rule.decide(e) for name, e in estimate.items()}
+        return Result(claim, combine(list(part_verdicts.values())), None, dict(estimate), part_verdicts,
+                      note, fmt)
+    return Result(claim, claim.rule.decide(estimate), estimate, note=note, fmt=fmt)
+
+
+def untestable(key: str, why: str) -> Result:
+    """A claim that this run cannot test, with the reason."""
+    return decide(key, None, note=why)
+
+
+def _label(key: str) -> str:
+    return "verdict_" + re.sub(r"[^0-9a-zA-Z_]", "_", key)
+
+
+def table(results: Sequence[Result]):
+    """The claims table of a chapter: claim, paper, ours (mean ± 95% interval, n), verdict, the rule, and
+    the note. A Styler, so that the rendered table shows every cell whole."""
+    import pandas as pd
+
+    rows = [{"claim": r.claim.statement, "paper": r.claim.paper, "ours": r.ours(), "verdict": r.verdict.value,
+             "rule (fixed in advance)": f"{r.claim.measure}: {r.claim.rule.describe()}"
+                                        + (f", for every {r.claim.parts}" if r.claim.parts else ""),
+             "note": r.note} for r in results]
+    colours = {Verdict.HOLDS.value: "#d8f0d8", Verdict.DOES_NOT_HOLD.value: "#f6d5d5",
+               Verdict.INCONCLUSIVE.value: "#f7ecc8", Verdict.UNTESTABLE.value: "#e6e6e6"}
+    df = pd.DataFrame(rows, columns=["claim", "paper", "ours", "verdict", "rule (fixed in advance)", "note"])
+    return (df.set_index("claim").style
+            .map(lambda v: f"background-color: {colours.get(v, '')}", subset=["verdict"])
+            .set_properties(**{"text-align": "left", "white-space": "normal"}))
+
+
+def to_json(results: Sequence[Result]) -> str:
+    """The results as JSON (NaN allowed), the form glued into executed notebooks."""
+    return json.dumps([r.to_dict() for r in results], allow_nan=True)
+
+
+def publish(results: Sequence[Result]):
+    """Glue the chapter's results into the executed notebook (``claims`` as JSON, and each verdict as
+    ``verdict_<key>`` for the prose), and return :func:`table` for display."""
+    from myst_nb import glue
+
+    keys = [r.claim.key for r in results]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a claim is published twice: {keys}")
+    glue("claims", to_json(results), display=False)
+    for r in results:
+        glue(_label(r.claim.key), r.verdict.value, display=False)
+    return table(results)
+
+
+def read_results(notebook: str | Path) -> list[dict]:
+    """The claims glued into an executed notebook (empty if it glued none)."""
+    from .glued import read
+
+    text = read(notebook).get("claims")
+    return json.loads(text) if text else []
+
+
+def write_page(executed_dir: str | Path, out: str | Path | None = None) -> Path:
+    """The book's claims page, built from the executed chapters in ``executed_dir``: one table per chapter
+    (claim, paper, ours, verdict, a link to the chapter's section) and a count of verdicts."""
+    executed_dir = Path(executed_dir)
+    out = Path(out) if out is not None else executed_dir / "claims.md"
+    chapters = sorted(p for p in executed_dir.glob("[0-9][0-9]_*.ipynb"))
+    counts = {v.value: 0 for v in Verdict}
+    blocks = []
+    for nb in chapters:
+        results = read_results(nb)
+        if not results:
+            continue
+        title = _title(nb)
+        blocks += [f"## {title}", "",
+                   "| claim | paper | ours (mean ± 95% interval, n) | verdict | section |", "|---|---|---|---|---|"]
+        for r in results:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+            cells = [r["statement"], r["paper"], r["ours"], f"**{r['verdict']}**", f"{{ref}}`{r['section']}`"]
+            blocks.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        blocks.append("")
+    total = sum(counts.values())
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    lines = ["(claims-page)=", "# Every claim and its verdict", "",
+             "Each chapter decides the claims of its paper over seeds, by a rule written down before the "
+             "run (see the chapter's claims section for the rule and a note on each number). A claim "
+             "**holds** when the whole 95% interval lies on the paper's side of the rule's threshold, "
+             "**does not hold** when it lies wholly on the other side, and is **inconclusive** when the "
+             "interval straddles it; some claims **cannot be tested here** (the data or the model the "
+             "paper used is out of reach). This page is generated from the executed chapters; nothing on "
+             "it is typed by hand.", "",
+             f"In this build: {total} claims, {summary or 'none'}.", "", *blocks]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _title(nb: Path) -> str:
+    nbj = json.loads(nb.read_text())
+    for cell in nbj["cells"]:
+        if cell["cell_type"] == "markdown":
+            for line in "".join(cell["source"]).splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return nb.stem

@@ -1,0 +1,94 @@
+"""The numbers a chapter glued into its executed notebook (myst-nb ``glue``), read back and compared.
+
+``python -m pruning_utils.glued DIR_A DIR_B`` lists every glued value that differs between two builds of
+the book (two folders of executed chapters): the check that the same parameters give the same numbers,
+e.g. one build under ``taskset -c 0`` and one on two cores. Figures are compared by their PNG bytes
+only with ``--figures``, since a font cache or a library version can move a pixel without any number
+moving.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _value(text: str):
+    """A glued text/plain repr back to a Python value where it is a literal (numbers, strings, NaN)."""
+    text = "".join(text) if isinstance(text, list) else text
+    if text in ("nan", "inf", "-inf"):
+        return float(text)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read(notebook: str | Path, figures: bool = False) -> dict:
+    """``{name: value}`` of every glue in an executed notebook: literals as Python values, other objects
+    (tables) by their text; figures as their PNG (base64) when ``figures`` else omitted."""
+    nb = json.loads(Path(notebook).read_text())
+    out = {}
+    for cell in nb.get("cells", []):
+        for o in cell.get("outputs", []):
+            meta = o.get("metadata", {}).get("scrapbook")
+            if not meta:
+                continue
+            prefix = meta.get("mime_prefix", "")
+            data = {k[len(prefix):]: v for k, v in o.get("data", {}).items() if k.startswith(prefix)}
+            if "image/png" in data:
+                if figures:
+                    out[meta["name"]] = "".join(data["image/png"])
+                continue
+            if "text/plain" in data:
+                out[meta["name"]] = _value(data["text/plain"])
+            elif "text/html" in data:
+                out[meta["name"]] = "".join(data["text/html"])
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def diff(dir_a: str | Path, dir_b: str | Path, figures: bool = False) -> list[tuple[str, str, object, object]]:
+    """Every (chapter, name, value in A, value in B) that differs, for the chapters executed in both
+    folders; a name glued in one build only shows with ``None`` on the other side."""
+    dir_a, dir_b = Path(dir_a), Path(dir_b)
+    rows = []
+    for nb_a in sorted(dir_a.glob("[0-9][0-9]_*.ipynb")):
+        nb_b = dir_b / nb_a.name
+        if not nb_b.exists():
+            rows.append((nb_a.stem, "(whole chapter)", "executed", None))
+            continue
+        a, b = read(nb_a, figures), read(nb_b, figures)
+        for name in sorted(set(a) | set(b)):
+            if not _same(a.get(name), b.get(name)):
+                rows.append((nb_a.stem, name, a.get(name), b.get(name)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path, help="folder of executed chapters (first build)")
+    parser.add_argument("b", type=Path, help="folder of executed chapters (second build)")
+    parser.add_argument("--figures", action="store_true", help="also compare glued figures byte for byte")
+    args = parser.parse_args(argv)
+    counts = {nb.stem: len(read(nb, args.figures)) for nb in sorted(args.a.glob("[0-9][0-9]_*.ipynb"))}
+    rows = diff(args.a, args.b, args.figures)
+    for stem, n in counts.items():
+        k = sum(1 for r in rows if r[0] == stem)
+        print(f"{stem}: {n} glued values, {k} differ")
+    for stem, name, va, vb in rows:
+        print(f"  {stem} {name}: {str(va)[:60]!r} != {str(vb)[:60]!r}")
+    print("identical" if not rows else f"{len(rows)} glued values differ")
+    return 0 if not rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
