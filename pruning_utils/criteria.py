@@ -8,7 +8,8 @@ ones (XGBoost gain, chapter 1; class-usage frequency, chapter 3; interventional 
 Standard criteria: ``l1`` and ``l2`` (norm of the filter's weights, Li et al. 2017), ``random`` (a seeded
 null), ``bn_scale`` (|gamma| of the BatchNorm after the layer, network slimming), ``taylor`` (first-order
 Taylor, Molchanov et al. 2017), ``mean_activation`` and ``apoz`` (average percentage of zeros, inverted
-so that higher is more important).
+so that higher is more important). ``iou`` ranks units by how interpretable network dissection finds them
+(chapter 2). Whole-network pruning scores coupled groups (:class:`Group`, :func:`score_group`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .params import ParameterError, check_choice
@@ -35,10 +37,12 @@ class Target:
 
 @dataclass(frozen=True)
 class Data:
-    """Images (and labels) a data-driven criterion scores on; the same for every criterion compared."""
+    """Images (and labels) a data-driven criterion scores on; the same for every criterion compared.
+    ``concepts``: pixel labels of the same images (a ``broden.ConceptSet``), for the ``iou`` criterion."""
 
     x: torch.Tensor
     y: torch.Tensor
+    concepts: object | None = None
 
 
 class Criterion:
@@ -49,6 +53,11 @@ class Criterion:
 
     def score(self, model: nn.Module, target: Target, data: Data | None = None) -> np.ndarray:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def score_group(self, model: nn.Module, group: "Group", data: Data | None = None) -> np.ndarray:
+        """Scores of the channels of a coupled group (whole-network pruning); by default, those of the one
+        site ``group.target``. Criteria that see every coupled layer override it (see the end of the module)."""
+        return self(model, group.target, data)
 
     def __call__(self, model: nn.Module, target: Target, data: Data | None = None) -> np.ndarray:
         if self.needs_data and data is None:
@@ -115,6 +124,9 @@ class L1(Criterion):
     def score(self, model, target, data=None):
         return _module(model, target.conv).weight.detach().abs().flatten(1).sum(1).numpy()
 
+    def score_group(self, model, group, data=None):
+        return _magnitude(group, 1)
+
 
 @register("l2")
 class L2(Criterion):
@@ -122,6 +134,9 @@ class L2(Criterion):
 
     def score(self, model, target, data=None):
         return _module(model, target.conv).weight.detach().flatten(1).norm(dim=1).numpy()
+
+    def score_group(self, model, group, data=None):
+        return np.sqrt(_magnitude(group, 2))
 
 
 @register("random")
@@ -135,6 +150,13 @@ class Random(Criterion):
         n = _n_out(_module(model, target.conv))
         return np.random.default_rng(self.seed).permutation(n).astype(float)
 
+    def score_group(self, model, group, data=None):
+        """Independent across groups: the seed is mixed with the group's name."""
+        import zlib
+
+        rng = np.random.default_rng([self.seed, zlib.crc32(group.name.encode())])
+        return rng.permutation(group.size).astype(float)
+
 
 @register("bn_scale")
 class BNScale(Criterion):
@@ -144,6 +166,11 @@ class BNScale(Criterion):
         if target.bn is None:
             raise ParameterError(f"criterion 'bn_scale' needs the BatchNorm after {target.conv!r}: Target(bn=...)")
         return _module(model, target.bn).weight.detach().abs().numpy()
+
+    def score_group(self, model, group, data=None):
+        import torch_pruning as tp
+
+        return _tp_scores(tp.importance.BNScaleImportance(normalizer=None), group, "bn_scale")
 
 
 def _maps(model, target, data, batch_size=256):
@@ -164,6 +191,9 @@ class MeanActivation(Criterion):
         m = _maps(model, target, data)
         return m.flatten(2).mean((0, 2)).numpy() if m.ndim > 2 else m.mean(0).numpy()
 
+    def score_group(self, model, group, data=None):
+        return consumer_statistics(model, group, data, "mean")
+
 
 @register("apoz")
 class APoZ(Criterion):
@@ -175,6 +205,9 @@ class APoZ(Criterion):
         m = _maps(model, target, data)
         zero = (m <= 0).float()
         return 1.0 - (zero.flatten(2).mean((0, 2)) if m.ndim > 2 else zero.mean(0)).numpy()
+
+    def score_group(self, model, group, data=None):
+        return consumer_statistics(model, group, data, "on")
 
 
 @register("taylor")
@@ -189,3 +222,220 @@ class Taylor(Criterion):
         if target.act is None:
             raise ParameterError(f"criterion 'taylor' needs the activation after {target.conv!r}: Target(act=...)")
         return taylor(model, [target.act], data.x, data.y)[target.act][0]
+
+    def score_group(self, model, group, data=None):
+        return consumer_taylor(model, group, data)
+
+
+@register("iou")
+class IoU(Criterion):
+    """Interpretability (chapter 2's network dissection, Bau et al. 2017): each unit's best IoU with any
+    concept of ``data.concepts``, its maps binarised at the top ``quantile`` of its activations."""
+
+    needs_data = True
+
+    def __init__(self, quantile: float = 0.005):
+        self.quantile = quantile
+
+    def score(self, model, target, data=None):
+        from . import dissect
+
+        if data.concepts is None:
+            raise ParameterError("criterion 'iou' needs pixel labels of the scoring images: Data(concepts=...)")
+        if target.act is None:
+            raise ParameterError(f"criterion 'iou' needs the activation after {target.conv!r}: Target(act=...)")
+        maps = dissect.layer_features(model, target.act, data.x)
+        if maps.ndim != 4:
+            raise ParameterError(f"criterion 'iou' dissects maps (N, C, h, w); {target.act!r} gives "
+                                 f"{tuple(maps.shape)}")
+        return dissect.dissect(maps, data.concepts, self.quantile).iou.max(1)
+
+
+# --- chapter 6: coupled groups (whole-network pruning) -------------------------------------------------
+# A group is what torch-pruning's DependencyGraph couples: the channels of a residual stream, say, live in
+# the stem conv, every block's second conv and BatchNorm, the shortcut, and the inputs of every layer that
+# reads the stream; removing one removes it everywhere. Weight criteria score a group with torch-pruning's
+# own importance classes (the mean over the coupled layers); activation criteria read the channels where
+# the group's consumers read them (exactly what removal takes away); any other criterion scores the one
+# site ``Group.target`` names (e.g. a stage's last output for a residual stream).
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels removed together: ``coupled`` is torch-pruning's group (its layers are the model's own
+    modules), named by its root layer; ``target`` is where a single-site criterion reads the channels."""
+
+    name: str
+    coupled: object
+    target: Target
+
+    @property
+    def size(self) -> int:
+        return len(self.coupled[0].idxs)
+
+
+def score_group(name: str, model: nn.Module, group: Group, data: Data | None = None, **kwargs) -> np.ndarray:
+    """Scores of criterion ``name`` for the channels of a coupled ``group`` (higher = more important)."""
+    crit = make(name, **kwargs)
+    if crit.needs_data and data is None:
+        raise ParameterError(f"criterion {name!r} scores filters on data; pass data=Data(x, y)")
+    scores = np.asarray(crit.score_group(model, group, data), dtype=float)
+    if scores.shape != (group.size,) or not np.isfinite(scores).all():
+        raise ValueError(f"criterion {name!r} gave {scores.shape} scores (finite: "
+                         f"{bool(np.isfinite(scores).all())}) for the {group.size} channels of group {group.name!r}")
+    return scores
+
+
+def _tp_scores(importance, group: Group, what: str) -> np.ndarray:
+    out = importance(group.coupled)
+    if out is None:
+        raise ParameterError(f"criterion {what!r} finds nothing to score in group {group.name!r}")
+    return out.detach().double().numpy()
+
+
+def _consumers(group: Group) -> list[tuple[nn.Module, list[int], list[int]]]:
+    """(layer, its input-channel indices, the group channel of each) for every layer that reads the group."""
+    import torch_pruning as tp
+
+    reads = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+    out = []
+    for item in group.coupled:
+        if item.dep.handler in reads:
+            out.append((item.dep.target.module, list(item.idxs), list(item.root_idxs)))
+    if not out:
+        raise ParameterError(f"group {group.name!r} has no layer that reads its channels")
+    return out
+
+
+def _per_channel(values: torch.Tensor, idxs: list[int], roots: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    r = torch.as_tensor(roots)
+    total.index_add_(0, r, values[idxs].double())
+    count.index_add_(0, r, torch.ones(len(roots), dtype=torch.float64))
+    return total, count
+
+
+def consumer_statistics(model: nn.Module, group: Group, data: Data, stat: str,
+                        batch_size: int = 256) -> np.ndarray:
+    """Per group channel: the mean (``stat='mean'``) or the share of positive values (``'on'``) of the
+    inputs of the layers that read the group, over images and positions, averaged over those layers."""
+    readers = _consumers(group)
+    sums = [torch.zeros(m.weight.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1), dtype=torch.float64)
+            for m, _, _ in readers]
+    counts = [0] * len(readers)
+
+    def hook(i):
+        def pre(_m, inp):
+            a = inp[0].detach()
+            v = (a > 0).double() if stat == "on" else a.double()
+            sums[i].add_(v.transpose(0, 1).reshape(v.shape[1], -1).sum(1))
+            counts[i] += a[:, 0].numel()
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, (m, _, _) in enumerate(readers)]
+    try:
+        with torch.no_grad():
+            model.eval()
+            for s in range(0, len(data.x), batch_size):
+                model(data.x[s:s + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    total = torch.zeros(group.size, dtype=torch.float64)
+    count = torch.zeros(group.size, dtype=torch.float64)
+    for (_, idxs, roots), s, c in zip(readers, sums, counts):
+        t, k = _per_channel(s / c, idxs, roots, group.size)
+        total, count = total + t, count + k
+    return (total / count.clamp_min(1)).numpy()
+
+
+def consumer_taylor(model: nn.Module, group: Group, data: Data, batch_size: int = 128) -> np.ndarray:
+    """First-order Taylor estimate of the loss change when a group channel is removed, where the group's
+    readers take it in: per image |sum over readers and positions of a * dL/da|, averaged over images."""
+    readers = _consumers(group)
+    store: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def pre(_m, inp):
+            a = inp[0]
+            if a.requires_grad:
+                a.retain_grad()
+            store[i] = a
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, (m, _, _) in enumerate(readers)]
+    score = torch.zeros(group.size, dtype=torch.float64)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            for s in range(0, len(data.x), batch_size):
+                x = data.x[s:s + batch_size].clone().requires_grad_(True)
+                out = model(x)
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(out, data.y[s:s + batch_size], reduction="sum").backward()
+                per_image = torch.zeros(len(x), group.size, dtype=torch.float64)
+                for i, (_, idxs, roots) in enumerate(readers):
+                    ag = (store[i] * store[i].grad).detach().double()
+                    ag = ag.flatten(2).sum(2) if ag.ndim > 2 else ag
+                    per_image.index_add_(1, torch.as_tensor(roots), ag[:, idxs])
+                score += per_image.abs().sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return (score / len(data.x)).numpy()
+
+
+def _magnitude(group: Group, p: int) -> np.ndarray:
+    """torch-pruning's group magnitude: the mean over the coupled layers of each channel's sum of |w|^p."""
+    import torch_pruning as tp
+
+    return _tp_scores(tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None),
+                      group, f"l{p}")
+
+
+def coupled_groups(model: nn.Module, example_input: torch.Tensor, roots: list[str] | None = None,
+                   graph=None) -> list[Group]:
+    """The coupled groups of ``model`` (torch-pruning's DependencyGraph on ``example_input``, or ``graph``
+    if already built), in forward order of their root layers, each with the single site where a
+    one-layer criterion reads its channels: the last ReLU run between the group's last output layer and
+    its last reader (a stage's output for a residual stream). The output layer is never a group; with
+    ``roots`` only the groups rooted at those layer names are kept (an unknown name is an error)."""
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod])) for m in leaves]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [n for n in order if isinstance(_module(model, n), (nn.Conv2d, nn.Linear))]
+    graph = graph or tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    found = {}
+    for g in graph.get_all_groups(ignored_layers=[_module(model, layers[-1])],
+                                  root_module_types=(nn.Conv2d, nn.Linear)):
+        found[names[g[0].dep.target.module]] = g
+    if roots is not None:
+        unknown = [r for r in roots if r not in found]
+        if unknown:
+            raise ParameterError(f"roots={unknown} are not allowed; the groups of {type(model).__name__} are "
+                                 f"rooted at {sorted(found)}")
+        found = {r: found[r] for r in roots}
+    out = []
+    for name, g in sorted(found.items(), key=lambda kv: order.index(kv[0])):
+        writes = [names[i.dep.target.module] for i in g if i.dep.handler in
+                  (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels)]
+        after = order[max(order.index(w) for w in writes) + 1:]
+        upto = next((i for i, n in enumerate(after) if n in layers), len(after))
+        relus = [n for n in after[:upto] if isinstance(_module(model, n), nn.ReLU)]
+        convs = [w for w in writes if isinstance(_module(model, w), (nn.Conv2d, nn.Linear))]
+        bns = [w for w in writes if isinstance(_module(model, w), (nn.BatchNorm1d, nn.BatchNorm2d))]
+        conv = max(convs, key=order.index)
+        out.append(Group(name, g, Target(conv, relus[0] if relus else None,
+                                         max(bns, key=order.index) if bns else None)))
+    return out
