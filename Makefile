@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-pruning-book
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SIZE ?= default
+JOBS ?= 2
+FORCE ?=
 # MathJax 3 served from the book itself, so formulas render with no network (npm registry's package).
 MATHJAX_VERSION := 3.2.2
 MATHJAX := _assets/mathjax/tex-chtml.js
@@ -38,8 +40,10 @@ data:
 		$(PY) -c "from pruning_utils import data; data.load('fashion-mnist', 'train', download=True); data.load('fashion-mnist', 'test', download=True)"; \
 	fi
 
+# Chapters run only when something they depend on changed (pruning_utils/chapters.py: the execution
+# cache beside the checkpoint cache); FORCE=1 executes every one. JOBS chapters run side by side.
 chapters:
-	$(PY) -m pruning_utils.chapters --size $(SIZE) book/chapters
+	$(PY) -m pruning_utils.chapters --size $(SIZE) --jobs $(JOBS) $(if $(filter-out 0,$(FORCE)),--force) book/chapters
 
 $(MATHJAX):
 	@mkdir -p build/mathjax _assets

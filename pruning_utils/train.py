@@ -4,9 +4,16 @@ A checkpoint is keyed by a hash of everything that determines it (the :class:`Re
 training settings; the seed; and the source code of the package modules that build and train it).
 Writes go to a temporary file that is renamed into place, so an interrupted run never leaves a broken
 file; loads use ``torch.load(..., weights_only=True)``; a corrupt or mismatched entry is retrained.
+A lock file per entry makes a second process that wants the same model (another chapter run in
+parallel) wait for the first to train it instead of training it again. Under ``torchrun``, :func:`fit`
+trains a DistributedDataParallel replica on each rank and rank 0 alone writes the cache
+(:mod:`pruning_utils.distributed`). Every checkpoint a process loads or writes is recorded in the file
+named by ``$PRUNING_BOOK_DEPS_LOG`` when it is set: the chapter runner keys its cache of executed
+chapters on those checkpoints (:mod:`pruning_utils.chapters`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,7 +31,7 @@ from torch import nn
 from .progress import bar
 
 from . import data as data_mod
-from . import models, runtime
+from . import distributed, models, runtime
 from .params import check_choice
 from .runtime import seed_everything  # noqa: F401  (re-exported: the book's one seeding function)
 
@@ -34,12 +41,15 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def get_device(device: str = "auto") -> torch.device:
-    """'auto' gives CUDA when present, else the CPU; 'cuda' without a GPU is an error."""
+    """'auto' gives CUDA when present, else the CPU; 'cuda' without a GPU is an error. Under torchrun the
+    GPU is the local rank's own (:func:`distributed.device`)."""
     check_choice("device", device, DEVICES)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no GPU; use device='auto' or 'cpu'")
+    if device == "cuda" and distributed.is_active():
+        return distributed.device()
     return torch.device(device)
 
 
@@ -220,10 +230,51 @@ def _finite(obj) -> bool:
     return all(torch.isfinite(t).all().item() for t in _tensors(obj) if t.is_floating_point())
 
 
+DEPS_LOG = "PRUNING_BOOK_DEPS_LOG"
+
+
+def record_dependency(path: Path, sha256: str) -> None:
+    """Append (path, content hash) of a checkpoint this process used to ``$PRUNING_BOOK_DEPS_LOG``, if set
+    (one JSON line per use; appends of one short line are atomic, so worker processes may share it)."""
+    log = os.environ.get(DEPS_LOG)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"path": str(Path(path).resolve()), "sha256": sha256}) + "\n")
+
+
 def save_checkpoint(payload: dict, path: Path) -> None:
     """:func:`save_atomic` of ``payload`` plus its :func:`content_hash` under ``"sha256"``."""
     body = {k: v for k, v in payload.items() if k != "sha256"}
-    save_atomic({**body, "sha256": content_hash(body)}, path)
+    sha = content_hash(body)
+    save_atomic({**body, "sha256": sha}, path)
+    record_dependency(path, sha)
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock on the cache entry ``path`` (a ``.lock`` file beside it) for the body, so
+    that processes wanting the same entry compute it once: the others wait, then find it cached. Only
+    rank 0 of a torchrun group locks; a folder that cannot be written is not locked (a read-only cache
+    still serves its entries)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if fcntl is None or distributed.rank() != 0:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a+")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -241,7 +292,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
     """The model's outputs (logits or log-probabilities) for all of ``x``, in eval mode, on the CPU."""
     device = torch.device(device)
@@ -289,6 +340,8 @@ def _fit(model, train, test, cfg, seed, device, progress, desc):
     gen = seed_everything(seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
+    net = distributed.wrap(model, device)  # the model itself in one process
+    world = distributed.world_size()
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch)
     history = {"step": [], "loss": [], "epoch": [], "train_acc": [], "test_acc": []}
@@ -300,18 +353,24 @@ def _fit(model, train, test, cfg, seed, device, progress, desc):
         for idx in _batches(len(train), cfg.batch_size, gen):
             x, y = train.x[idx], train.y[idx]
             if cfg.augment:
-                x = _augment(x, gen)
+                x = _augment(x, gen)  # drawn for the whole global batch, so every rank stays in step
+            if world > 1:  # this rank's shard; its loss weighted by its share of the global batch
+                x, y = distributed.shard(x), distributed.shard(y)
             x, y = x.to(device, memory_format=fmt), y.to(device)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            out = net(x)
+            loss = F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (len(y) * world / len(idx)) if world > 1 else loss).backward()
             opt.step()
             sched.step()
             step += 1
-            correct += (out.argmax(1) == y).sum().item()
+            hits, loss_value = (out.argmax(1) == y).sum().item(), loss.item()
+            if world > 1:  # the global batch's loss and hits, as one process would log them
+                loss_sum, hits = distributed.all_sum([loss_value * len(y), hits])
+                loss_value, hits = loss_sum / len(idx), int(round(hits))
+            correct += hits
             history["step"].append(step)
-            history["loss"].append(loss.item())
+            history["loss"].append(loss_value)
             pbar.update()
         history["epoch"].append(epoch)
         history["train_acc"].append(correct / len(train))
@@ -346,6 +405,7 @@ def load_checkpoint(path: Path, key: str, fields: tuple[str, ...] = ("state_dict
             raise ValueError("the content does not match its stored hash (damaged or unhashed file)")
         if not _finite(body):
             raise ValueError("the weights hold NaN or infinity")
+        record_dependency(path, ckpt["sha256"])
         return ckpt
     except Exception as err:  # a truncated, damaged or foreign file: report it and recompute
         warnings.warn(f"checkpoint {path} is unusable ({type(err).__name__}: {err}); retraining", stacklevel=2)
@@ -373,32 +433,46 @@ def train_cached(recipe: Recipe, seed: int = 0, *, device: str = "auto", downloa
     """Load the model for ``recipe`` and ``seed`` from the cache, or train it there; return (model, record).
 
     The record holds the history, the test accuracy and ``cached`` (whether it came from the cache). A
-    cache entry that is damaged, foreign or malformed is retrained (with a warning naming the file).
+    cache entry that is damaged, foreign or malformed is retrained (with a warning naming the file). A
+    process that finds another training the same entry waits for it (:func:`cache_lock`); under
+    torchrun all ranks train together and rank 0 writes the entry (:func:`distributed.cached`).
     """
     key = recipe.key(seed)
     folder = Path(directory) if directory is not None else cache_dir()
     path = folder / f"{recipe.model}-{recipe.dataset}-{key}.pt"
     seed_everything(seed)
     model = build_for(recipe)
-    ckpt = load_checkpoint(path, key, ("state_dict", "record"))
-    if ckpt is not None:
+
+    def load():
+        nonlocal model
+        ckpt = load_checkpoint(path, key, ("state_dict", "record"))
+        if ckpt is None:
+            return None
         try:
             model.load_state_dict(ckpt["state_dict"])
-            return model.eval(), {**ckpt["record"], "cached": True, "path": str(path)}
+            return ckpt["record"]
         except RuntimeError as err:  # shapes do not match this code's model
             warnings.warn(f"checkpoint {path} does not fit the model ({err}); retraining", stacklevel=2)
             seed_everything(seed)
             model = build_for(recipe)
-    ensure_writable(folder)
-    train = data_mod.load(recipe.dataset, "train", pad=recipe.pad, download=download, seed=seed)
-    train = train.subset(recipe.train_subset, seed)
-    test = data_mod.load(recipe.dataset, "test", pad=recipe.pad, download=download, seed=seed)
-    history = fit(model, train, test, recipe.config, seed=seed, device=device, progress=progress,
-                  desc=f"{recipe.model} on {recipe.dataset}")
-    record = {"history": history, "test_acc": history["test_acc"][-1], "n_train": len(train),
-              "n_test": len(test)}
-    save_checkpoint({"key": key, "state_dict": model.state_dict(), "record": record}, path)
-    return model.eval(), {**record, "cached": False, "path": str(path)}
+            return None
+
+    def compute():
+        ensure_writable(folder)
+        train = data_mod.load(recipe.dataset, "train", pad=recipe.pad, download=download, seed=seed)
+        train = train.subset(recipe.train_subset, seed)
+        test = data_mod.load(recipe.dataset, "test", pad=recipe.pad, download=download, seed=seed)
+        history = fit(model, train, test, recipe.config, seed=seed, device=device, progress=progress,
+                      desc=f"{recipe.model} on {recipe.dataset}")
+        return {"history": history, "test_acc": history["test_acc"][-1], "n_train": len(train),
+                "n_test": len(test)}
+
+    def save(record):
+        save_checkpoint({"key": key, "state_dict": model.state_dict(), "record": record}, path)
+
+    with cache_lock(path):
+        record, hit = distributed.cached(load, compute, save)
+    return model.eval(), {**record, "cached": hit, "path": str(path)}
 
 
 def build_for(recipe: Recipe) -> nn.Module:

@@ -1,0 +1,114 @@
+"""The execution cache of pruning_utils.chapters: a chapter is executed again only when something it
+depends on changed, and a reused copy is byte for byte what a fresh run gives.
+
+A tiny deterministic notebook (tests/notebooks/probe.ipynb) stands in for a chapter, so that each
+execution takes seconds.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import papermill as pm
+import pytest
+import torch
+
+from pruning_utils import chapters, glued, train
+
+PROBE = Path(__file__).parent / "notebooks" / "probe.ipynb"
+PARAMS = {"size": "smoke", "seeds": [0, 1]}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("executed")
+
+
+@pytest.fixture(scope="module")
+def first(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return chapters.execute(PROBE, out, PARAMS, cache=cache), out
+
+
+def test_second_run_comes_from_the_cache_byte_for_byte(first, cache, tmp_path):
+    run, out = first
+    assert not run.cached and run.error == ""
+    again = chapters.execute(PROBE, tmp_path, PARAMS, cache=cache)
+    assert again.cached and again.key == run.key and again.seconds == run.seconds
+    assert (tmp_path / PROBE.name).read_bytes() == (out / PROBE.name).read_bytes()
+    assert glued.read(tmp_path / PROBE.name)["value"] == 1.5
+
+
+def test_a_reused_copy_equals_a_fresh_run(first, cache, tmp_path):
+    run, out = first
+    fresh = chapters.execute(PROBE, tmp_path, PARAMS, cache=cache, force=True)
+    assert not fresh.cached and fresh.key == run.key
+    assert (tmp_path / PROBE.name).read_bytes() == (out / PROBE.name).read_bytes()
+    nb = json.loads((tmp_path / PROBE.name).read_text())
+    assert "start_time" not in nb["metadata"]["papermill"] and "output_path" not in nb["metadata"]["papermill"]
+    assert all("execution" not in c["metadata"] for c in nb["cells"])
+
+
+def test_the_key_covers_notebook_parameters_package_environment_and_data(tmp_path, monkeypatch):
+    key, parts = chapters.chapter_key(PROBE, PARAMS)
+    assert set(parts) >= {"notebook", "parameters", "package", "environment", "data"}
+    assert chapters.chapter_key(PROBE, dict(reversed(list(PARAMS.items()))))[0] == key  # order of names
+    assert chapters.chapter_key(PROBE, {**PARAMS, "seeds": [0, 2]})[0] != key
+    edited = tmp_path / PROBE.name
+    edited.write_text(PROBE.read_text().replace("scale = 1.0", "scale = 2.0"))
+    assert chapters.chapter_key(edited, PARAMS)[0] != key
+    monkeypatch.setattr(chapters, "package_hash", lambda package=None: "edited")
+    assert chapters.chapter_key(PROBE, PARAMS)[0] != key
+    monkeypatch.undo()
+    monkeypatch.setattr(chapters, "data_fingerprint", lambda: {"fashion": "other bytes"})
+    assert chapters.chapter_key(PROBE, PARAMS)[0] != key
+    monkeypatch.undo()
+    monkeypatch.setattr(chapters, "environment_fingerprint", lambda: {"torch": "another version"})
+    assert chapters.chapter_key(PROBE, PARAMS)[0] != key
+
+
+def test_package_hash_sees_every_source_file(tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(chapters.PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = chapters.package_hash(pkg)
+    assert before == chapters.package_hash(chapters.PACKAGE)
+    (pkg / "claims.py").write_text((pkg / "claims.py").read_text() + "\n# an edit\n")
+    assert chapters.package_hash(pkg) != before
+
+
+def test_a_checkpoint_the_chapter_read_is_part_of_its_key(cache, tmp_path):
+    ckpt = tmp_path / "ckpts" / "probe.pt"
+    train.save_checkpoint({"key": "probe", "state_dict": {"w": torch.ones(3)}}, ckpt)
+    params = {**PARAMS, "checkpoint": str(ckpt)}
+    run = chapters.execute(PROBE, tmp_path / "out", params, cache=cache)
+    assert not run.cached and glued.read(tmp_path / "out" / PROBE.name)["checkpoint_sum"] == 3.0
+    meta = json.loads((cache / "probe" / run.key / "meta.json").read_text())
+    assert [d["path"] for d in meta["checkpoints"]] == [str(ckpt.resolve())]
+    assert chapters.lookup("probe", run.key, cache).state == "hit"
+    train.save_checkpoint({"key": "probe", "state_dict": {"w": torch.ones(3)}}, ckpt)  # rewritten, same content
+    assert chapters.lookup("probe", run.key, cache).state == "hit"
+    train.save_checkpoint({"key": "probe", "state_dict": {"w": torch.zeros(3)}}, ckpt)  # retrained: other weights
+    assert chapters.lookup("probe", run.key, cache).state == "stale"
+    ckpt.unlink()  # cleared: another chapter may write it again before this one is looked at once more
+    assert chapters.lookup("probe", run.key, cache).state == "missing"
+
+
+def test_a_failed_run_is_reported_and_not_stored(cache, tmp_path):
+    params = {**PARAMS, "scale": -1.0}
+    with pytest.raises(pm.PapermillExecutionError, match="scale=-1.0 is not allowed"):
+        chapters.execute(PROBE, tmp_path, params, cache=cache)
+    key = chapters.chapter_key(PROBE, params)[0]
+    assert chapters.lookup("probe", key, cache).state == "none"
+    assert "not allowed" in chapters.error_text(pytest.raises(Exception, chapters.execute, PROBE, tmp_path,
+                                                              params, cache=cache).value)
+
+
+def test_runtimes_page_says_which_chapters_came_from_the_cache(tmp_path):
+    runs = [chapters.Run("00_baselines", "x", 250.0, True), chapters.Run("01_trees", "y", 90.5, False),
+            chapters.Run("02_x", "z", 3.0, False, error="ValueError: bad")]
+    page = chapters.write_runtimes(tmp_path, "default", runs, wall=95.0, jobs=2).read_text()
+    assert "| 00_baselines | 250.0 | from the cache |" in page
+    assert "| 01_trees | 90.5 | executed |" in page and "| 02_x | 3.0 | failed |" in page
+    assert "executed 2 of 3 chapters in 95 s" in page
+    mtime = (tmp_path / "runtimes.md").stat().st_mtime_ns
+    chapters.write_runtimes(tmp_path, "default", runs, wall=95.0, jobs=2)
+    assert (tmp_path / "runtimes.md").stat().st_mtime_ns == mtime  # unchanged text: the file is not touched
