@@ -484,7 +484,8 @@ def write_runtimes(out_dir: Path, size: str, runs: list[Run], wall: float | None
                    jobs: int = 1) -> Path:
     """The book's run-time page: per chapter the seconds its executed copy took and whether this build
     executed it or took it from the execution cache. Written only when its text changes."""
-    executed = [r for r in runs if not r.cached]
+    executed = [r for r in runs if not r.cached and not r.error]
+    failed = [r for r in runs if r.error]
     lines = ["# Run times", "",
              f"Wall-clock time of each chapter at run size `{size}`, measured by "
              "`python -m pruning_utils.chapters` when the chapter was executed. A chapter is executed "
@@ -499,10 +500,11 @@ def write_runtimes(out_dir: Path, size: str, runs: list[Run], wall: float | None
         how = "failed" if r.error else ("from the cache" if r.cached else "executed")
         lines.append(f"| {r.stem} | {r.seconds:.1f} | {how} |")
     lines.append("")
-    if executed and wall is not None:
+    if (executed or failed) and wall is not None:
         lines.append(f"This build executed {len(executed)} of {len(runs)} chapters in {wall:.0f} s of "
-                     f"wall-clock time ({jobs} process{'es' if jobs > 1 else ''} side by side).")
-    elif not executed:
+                     f"wall-clock time ({jobs} process{'es' if jobs > 1 else ''} side by side)"
+                     + (f"; {len(failed)} failed." if failed else "."))
+    elif not executed and not failed:
         lines.append("This build took every chapter from the cache.")
     text = "\n".join(lines) + "\n"
     path = out_dir / "runtimes.md"
@@ -536,8 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = build(chapter_paths(args.only), args.out_dir, args.size, jobs=args.jobs, force=args.force,
                  log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - start
-    print(f"{sum(not r.cached for r in runs)} chapter(s) executed, {sum(r.cached for r in runs)} from the "
-          f"cache, in {wall:.1f} s", flush=True)
+    print(f"{sum(not r.cached and not r.error for r in runs)} chapter(s) executed, "
+          f"{sum(r.cached for r in runs)} from the cache, {sum(bool(r.error) for r in runs)} failed, "
+          f"in {wall:.1f} s", flush=True)
     if not args.only:
         write_runtimes(args.out_dir, args.size, runs, wall, args.jobs)
     page = _write_if_changed(args.out_dir / "claims.md", lambda p: claims.write_page(args.out_dir, p))

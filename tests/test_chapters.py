@@ -108,7 +108,22 @@ def test_runtimes_page_says_which_chapters_came_from_the_cache(tmp_path):
     page = chapters.write_runtimes(tmp_path, "default", runs, wall=95.0, jobs=2).read_text()
     assert "| 00_baselines | 250.0 | from the cache |" in page
     assert "| 01_trees | 90.5 | executed |" in page and "| 02_x | 3.0 | failed |" in page
-    assert "executed 2 of 3 chapters in 95 s" in page
+    assert "executed 1 of 3 chapters in 95 s of wall-clock time (2 processes side by side); 1 failed." in page
     mtime = (tmp_path / "runtimes.md").stat().st_mtime_ns
     chapters.write_runtimes(tmp_path, "default", runs, wall=95.0, jobs=2)
     assert (tmp_path / "runtimes.md").stat().st_mtime_ns == mtime  # unchanged text: the file is not touched
+
+
+def test_build_runs_chapters_side_by_side_then_takes_them_from_the_cache(tmp_path):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    paths = [books / "00_probe.ipynb", books / "01_probe.ipynb"]
+    for p in paths:
+        shutil.copyfile(PROBE, p)
+    cache, log = tmp_path / "executed", []
+    runs = chapters.build(paths, tmp_path / "a", "smoke", jobs=2, cache=cache, log=log.append)
+    assert [(r.stem, r.cached, r.error) for r in runs] == [("00_probe", False, ""), ("01_probe", False, "")]
+    again = chapters.build(paths, tmp_path / "b", "smoke", jobs=2, cache=cache, log=log.append)
+    assert all(r.cached for r in again) and "01_probe: from the cache" in log[-1]
+    for p in paths:  # the copies from the cache are the files the parallel build wrote
+        assert (tmp_path / "a" / p.name).read_bytes() == (tmp_path / "b" / p.name).read_bytes()
