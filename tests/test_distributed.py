@@ -64,3 +64,19 @@ def test_shard_and_sum_are_identities_in_one_process():
     entry, hit = distributed.cached(lambda: {"x": 2}, lambda: pytest.fail("computed a cached entry"),
                                     lambda e: pytest.fail("saved a cached entry"))
     assert entry == {"x": 2} and hit
+
+
+def _train_tiny(cache: str) -> bool:
+    """In a separate process: train (or load) the probe's tiny recipe; return whether it was cached."""
+    return bool(train.train_cached(ddp_probe.RECIPE, 0, progress=False, directory=Path(cache))[1]["cached"])
+
+
+def test_two_processes_wanting_one_model_train_it_once(tmp_path):
+    """The per-entry lock: chapters executed side by side that need the same model do not both train it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        cached = sorted(pool.map(_train_tiny, [str(tmp_path)] * 2))
+    assert cached == [False, True]
+    assert len(list(tmp_path.glob("*.pt"))) == 1
