@@ -59,7 +59,7 @@ NOTEBOOKS = ROOT / "notebooks"
 PACKAGE = Path(__file__).resolve().parent
 SIZES = ("smoke", "default", "full")
 KERNEL = "python3"
-CACHE_FORMAT = 2  # bump when the stored layout or the normalisation changes
+CACHE_FORMAT = 3  # bump when the stored layout or the normalisation changes
 # Not part of the key: how idle OpenMP threads wait changes the time taken when processes share cores,
 # never a result.
 _SCHEDULING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -274,12 +274,15 @@ def last_seconds(stem: str, cache: Path) -> float:
 _VOLATILE = ("start_time", "end_time", "duration")
 _STYLER_ID = re.compile(r"\bT_([0-9a-f]{5})(?=[_\"\s{,])")  # pandas Styler's random table id
 _ADDRESS = re.compile(r" at 0x[0-9a-f]{6,16}>")  # memory addresses in reprs
+_PROGRESS = re.compile(r"\d+/\d+ \[[\d:]+<")  # a progress bar's redraw (tqdm: "3/10 [00:01<00:02, ...")
 
 
 def normalise(path: Path) -> None:
     """Remove what changes between two runs of the same notebook but is no result: papermill's and
     Jupyter's timestamps and durations, the absolute input and output paths, the random id papermill
-    gives its injected cell, the random ids of pandas' styled tables and memory addresses in reprs."""
+    gives its injected cell, the random ids of pandas' styled tables, memory addresses in reprs, and
+    progress bars (their rates and times) from the error stream, which the book never shows; warnings
+    stay."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
@@ -296,6 +299,18 @@ def normalise(path: Path) -> None:
             cell.metadata.get("papermill", {}).pop(k, None)
         if "injected-parameters" in cell.metadata.get("tags", []):
             cell["id"] = "injected-parameters"
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+                lines = [ln for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not _PROGRESS.search(ln)]
+                text = "\n".join(lines) + "\n"
+                if not text.strip():
+                    continue
+                out["text"] = text
+            kept.append(out)
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = kept
         for out in cell.get("outputs", []):
             bundle = out.get("data", {})
             if "text/html" in bundle:

@@ -127,3 +127,33 @@ def test_build_runs_chapters_side_by_side_then_takes_them_from_the_cache(tmp_pat
     assert all(r.cached for r in again) and "01_probe: from the cache" in log[-1]
     for p in paths:  # the copies from the cache are the files the parallel build wrote
         assert (tmp_path / "a" / p.name).read_bytes() == (tmp_path / "b" / p.name).read_bytes()
+
+
+def test_normalise_drops_what_differs_between_runs_and_keeps_results(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    def notebook(uuid, rate, address):
+        nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("x", outputs=[
+            new_output("stream", name="stderr", text=f"train:  50%|#  | 5/10 [00:0{rate}<00:01, {rate}.1it/s]\r"
+                                                     "UserWarning: a warning the reader may need\n"),
+            new_output("execute_result", data={
+                "text/html": f'<style>#T_{uuid}_row0_col0 {{color: red}}</style><table id="T_{uuid}">',
+                "text/plain": f"<pandas.io.formats.style.Styler at 0x{address}>"}, execution_count=1)])])
+        nb.metadata["papermill"] = {"start_time": f"2026-01-0{rate}", "duration": rate, "parameters": {"a": 1}}
+        nb.cells[0]["id"], nb.cells[1]["id"] = "md", "code"  # nbformat draws random ids; a chapter's are fixed
+        nb.cells[1].metadata["execution"] = {"iopub.status.busy": f"2026-01-0{rate}"}
+        return nb
+
+    paths = []
+    for i, (uuid, rate, address) in enumerate([("ab12f", 1, "7fa44d948190"), ("0c9e3", 2, "7ffa48bdfd10")]):
+        paths.append(tmp_path / f"{i}.ipynb")
+        nbformat.write(notebook(uuid, rate, address), paths[-1])
+        chapters.normalise(paths[-1])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    nb = nbformat.read(paths[0], as_version=4)
+    nbformat.validate(nb)
+    outs = nb.cells[1].outputs
+    assert outs[0].text.strip() == "UserWarning: a warning the reader may need"  # the bar went, the warning stayed
+    assert 'id="T_t0000"' in outs[1].data["text/html"] and "#T_t0000_row0_col0" in outs[1].data["text/html"]
+    assert nb.metadata.papermill == {"parameters": {"a": 1}}
