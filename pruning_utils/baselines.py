@@ -119,8 +119,8 @@ class BaselineRuns:
     runs: dict[str, list[Baseline]]
 
     def training(self):
-        """One row per model: data, training images, epochs, batch, peak lr, threads, parameters, how many
-        seeds came from the cache."""
+        """One row per model: data, training images, epochs, batch, peak lr, threads, parameters, seeds (the
+        run-time page says whether the models came from the checkpoint cache)."""
         import pandas as pd
 
         from .models import count_parameters
@@ -129,8 +129,7 @@ class BaselineRuns:
             "data": bs[0].recipe.dataset, "training images": bs[0].record["n_train"],
             "epochs": bs[0].recipe.config.epochs, "batch": bs[0].recipe.config.batch_size,
             "peak lr": bs[0].recipe.config.lr, "threads": bs[0].recipe.config.threads,
-            "parameters": count_parameters(bs[0].model), "seeds": len(bs),
-            "from the cache": sum(bool(b.record["cached"]) for b in bs)} for name, bs in self.runs.items()}).T
+            "parameters": count_parameters(bs[0].model), "seeds": len(bs)} for name, bs in self.runs.items()}).T
 
     def estimates(self) -> dict:
         """Test accuracy per model over seeds (:class:`claims.Estimate`), or one binomial interval over the

@@ -282,7 +282,7 @@ def normalise(path: Path) -> None:
     Jupyter's timestamps and durations, the absolute input and output paths, the random id papermill
     gives its injected cell, the random ids of pandas' styled tables, memory addresses in reprs, and
     progress bars (their rates and times) from the error stream, which the book never shows; warnings
-    stay."""
+    stay. The parameters cells get the ``remove-cell`` tag: the chapter shows its parameters as a table."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
@@ -297,8 +297,11 @@ def normalise(path: Path) -> None:
         cell.metadata.pop("execution", None)
         for k in _VOLATILE:
             cell.metadata.get("papermill", {}).pop(k, None)
-        if "injected-parameters" in cell.metadata.get("tags", []):
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags:
             cell["id"] = "injected-parameters"
+        if ("injected-parameters" in tags or "parameters" in tags) and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]  # the chapter shows its parameters as a table
         kept = []
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and out.get("name") == "stderr":

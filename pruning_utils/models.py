@@ -186,19 +186,52 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def imagenet_resnet50(download: bool = False) -> nn.Module:
-    """torchvision's ResNet-50 with its IMAGENET1K_V1 weights, from torch's hub cache; fetched only with
-    ``download=True``, otherwise a missing file is an error that says where to put it."""
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def imagenet_resnet50(download: bool = False, weights_path: str | Path | None = None) -> nn.Module:
+    """torchvision's ResNet-50 with its IMAGENET1K_V1 weights. From ``weights_path`` if given (a state
+    dict; no published hash to check it against), else from torch's hub cache, where the file must match
+    the SHA-256 prefix torchvision publishes in its name; fetched there only with ``download=True``.
+    Always loaded with ``weights_only=True``: a file in the cache can never run code."""
     import torchvision
 
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    path = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
-    if not path.exists() and not download:
-        raise FileNotFoundError(f"download=False and the ResNet-50 weights are not at {path}; pass download=True "
-                                f"or copy {weights.url} there")
-    model = torchvision.models.resnet50()
-    if download:
-        model.load_state_dict(weights.get_state_dict(progress=False))
+    name = weights.url.rsplit("/", 1)[-1]
+    published = name.rsplit("-", 1)[-1].split(".")[0]  # resnet50-0676ba61.pth -> 0676ba61
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights_path={str(weights_path)!r} is not a file")
     else:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        path = Path(torch.hub.get_dir()) / "checkpoints" / name
+        if not path.exists():
+            if not download:
+                raise FileNotFoundError(f"download=False and the ResNet-50 weights are not at {path}; pass "
+                                        f"download=True, or copy {weights.url} there")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=published, progress=False)
+            except OSError as err:  # URLError and socket errors: offline, or the server is unreachable
+                raise FileNotFoundError(
+                    f"download=True, but fetching the ResNet-50 weights from {weights.url} failed "
+                    f"({type(err).__name__}: {err}); this machine may have no internet. Copy the file to "
+                    f"{path}, or pass weights_path.") from err
+        digest = _sha256(path)
+        if not digest.startswith(published):
+            raise ValueError(f"{path} is not torchvision's published file (SHA-256 {digest[:12]}..., expected "
+                             f"{published}...): refusing it. Delete it, or pass your own file as weights_path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle that wants to run code, or a damaged file
+        raise ValueError(f"{path} cannot be loaded as plain weights ({type(err).__name__}: {err}); refusing it")
+    model = torchvision.models.resnet50()
+    model.load_state_dict(state)
     return model.eval()

@@ -64,3 +64,23 @@ def test_bad_names():
         data.load("imagenet")
     with pytest.raises(ParameterError, match="split='val' is not allowed"):
         data.load("mnist5k", "val")
+
+
+def test_a_failed_download_says_the_download_failed_not_pass_download(tmp_path, monkeypatch):
+    import time
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "urlopen", offline, raising=False)
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive",
+                        lambda *a, **k: offline(), raising=False)
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetUnavailable, match=r"dataset='mnist' with download=True: the download from "
+                                                      r"torchvision's mirrors failed .* no internet") as err:
+        data.load("mnist", "test", root=tmp_path, download=True)
+    assert "pass download=True" not in str(err.value)
+    assert time.perf_counter() - start < 30

@@ -61,20 +61,46 @@ def test_bad_model_arguments_name_the_parameter():
         models.build("alexnet")
 
 
+class _Planted:
+    """A pickle that runs code when loaded unsafely: it would create the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_imagenet_resnet50_reads_the_hub_cache_and_never_downloads_unasked(tmp_path):
     import torchvision
 
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path))
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "checkpoints" / url.rsplit("/", 1)[-1]
     try:
         with pytest.raises(FileNotFoundError, match="download=False and the ResNet-50 weights are not at"):
             models.imagenet_resnet50(download=False)
         torch.manual_seed(0)
         state = torchvision.models.resnet50().state_dict()
-        url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-        (tmp_path / "checkpoints").mkdir()
-        torch.save(state, tmp_path / "checkpoints" / url.rsplit("/", 1)[-1])
-        net = models.imagenet_resnet50(download=False)
+        cached.parent.mkdir()
+        torch.save(state, cached)  # right name, wrong content: not torchvision's published file
+        with pytest.raises(ValueError, match="is not torchvision's published file"):
+            models.imagenet_resnet50(download=False)
+        own = tmp_path / "mine.pth"
+        torch.save(state, own)
+        net = models.imagenet_resnet50(weights_path=own)  # the user's own file: no published hash to check
     finally:
         torch.hub.set_dir(old)
     assert torch.equal(net.conv1.weight, state["conv1.weight"]) and not net.training
+
+
+def test_imagenet_resnet50_refuses_a_pickle_that_runs_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "planted.pth"
+    torch.save({"conv1.weight": _Planted(marker)}, planted)
+    with pytest.raises(ValueError, match="cannot be loaded as plain weights"):
+        models.imagenet_resnet50(weights_path=planted)
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="weights_path='nowhere.pth' is not a file"):
+        models.imagenet_resnet50(weights_path="nowhere.pth")

@@ -56,6 +56,29 @@ def test_chapter_runs_at_smoke_size(path):
     assert any("NBVAL_CHECK_OUTPUT" in c.source for c in executed.cells), "no cell of key numbers for nbval"
 
 
+# A chapter that trains what it needs, run again on an EMPTY checkpoint cache: its glued numbers must equal
+# those of the smoke run above, which used the cache the earlier chapters filled. A result that depends
+# on which chapter trained a model first (threads set before training, say) fails here.
+EMPTY_CACHE_CHAPTER = "04_neuron_merging"
+
+
+def test_glued_numbers_do_not_depend_on_the_cache_order(tmp_path, monkeypatch):
+    from pruning_utils import glued
+
+    path = next(p for p in CHAPTERS if p.stem == EMPTY_CACHE_CHAPTER)
+    if not (SMOKE_DIR / path.name).exists():
+        run_chapter(path, SMOKE_DIR, "smoke")
+    monkeypatch.setenv("PRUNING_BOOK_CACHE", str(tmp_path / "empty-cache"))
+    run_chapter(path, tmp_path / "out", "smoke")
+    assert glued.read(tmp_path / "out" / path.name)  # it glued something
+    assert glued.diff(SMOKE_DIR, tmp_path / "out", ignore=glued.TIMING, only=[path.stem]) == []
+
+
+def test_unknown_parameter_stops_the_chapter(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown parameter\(s\) 'sede' \(did you mean 'seeds'"):
+        run_chapter(CHAPTERS[0], tmp_path, "smoke", extra={"sede": 1})
+
+
 def test_bad_parameter_stops_the_chapter_with_a_clear_error(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match=r"resnet_depth=21 is not allowed; expected one of 8, 14"):
         run_chapter(CHAPTERS[0], tmp_path, "smoke", extra={"resnet_depth": 21})
@@ -63,7 +86,7 @@ def test_bad_parameter_stops_the_chapter_with_a_clear_error(tmp_path):
 
 def test_chapter_2_full_path_dissects_resnet50_on_a_broden_folder(tmp_path, monkeypatch):
     """The `full` branch (torchvision's ResNet-50 on a real Broden folder) on a Broden-format fixture:
-    our generated scenes, and random weights where torch's hub cache keeps ResNet-50's."""
+    our generated scenes, and random ResNet-50 weights in a file of our own (``resnet50_weights``)."""
     import torch
     import torchvision
 
@@ -76,15 +99,24 @@ def test_chapter_2_full_path_dissects_resnet50_on_a_broden_folder(tmp_path, monk
         run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True})
     with pytest.raises(pm.PapermillExecutionError, match="download=False and the ResNet-50 weights are not at"):
         run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True, "broden_dir": str(folder)})
-    weights = tmp_path / "torch" / "hub" / "checkpoints"
-    weights.mkdir(parents=True)
-    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-    torch.save(torchvision.models.resnet50().state_dict(), weights / url.rsplit("/", 1)[-1])
+    weights = tmp_path / "resnet50-random.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
     run_chapter(chapter, tmp_path / "out", "smoke",
-                extra={"resnet50": True, "broden_dir": str(folder), "broden_images": 12, "resnet50_rounds": 1})
+                extra={"resnet50": True, "broden_dir": str(folder), "resnet50_weights": str(weights),
+                       "broden_images": 12, "resnet50_rounds": 1})
     executed = nbformat.read(tmp_path / "out" / chapter.name, as_version=4)
     cell = next(c for c in executed.cells if c.cell_type == "code" and c.source.startswith("if P.resnet50"))
     table = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
     rows = [line.split() for line in table.split("\n\n")[0].splitlines() if re.match(r"^[0-9]+\s", line)]
     assert "weights_remaining" in table and [r[0] for r in rows] == ["0", "1"]  # ResNet-50 unpruned, then pruned
     assert float(rows[0][1]) == 1.0 and float(rows[1][1]) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_chapter_2_stops_with_a_clear_message_when_a_dense_network_is_at_chance(tmp_path, monkeypatch):
+    """A learning rate at which nothing is learned leaves the dense network at chance: the chapter must stop
+    there (train.check_trained) instead of dissecting an untrained network."""
+    chapter = next(p for p in CHAPTERS if p.stem.startswith("02_"))
+    monkeypatch.setenv("PRUNING_BOOK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(pm.PapermillExecutionError, match=r"UntrainedModel.*the dense ResNet-8 of seed 0.*within "
+                                                         r"0.10 of chance"):
+        run_chapter(chapter, tmp_path / "out", "smoke", extra={"lr": 1e-5, "epochs": 1, "images": 64})
