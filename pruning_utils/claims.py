@@ -411,3 +411,54 @@ def _title(nb: Path) -> str:
                 if line.startswith("# "):
                     return line[2:].strip()
     return nb.stem
+
+
+# --- chapter 5 (paper 004) ---
+CAUSAL_SPEEDUP = 0.1  # claim causal-4a: "wall-clock speed-ups" = latency at least 10% lower at the largest cut
+CAUSAL_FOLLOWS = 0.8  # claims causal-4b/c: latency "follows" MACs = its drop at least 0.8 x the MAC drop
+CAUSAL_RHO = 0.8  # claim causal-3: DoWhy "recovers" the effects = Spearman's rho with the truth above 0.8
+CAUSAL_RIGHT = 0.8  # claim causal-3-refuters: at least 80% of the estimates that pass hold the truth
+
+
+def _declare_causal() -> None:
+    where = ("05_causal_pruning", "causal-claims")
+    after = ("test accuracy after fine-tuning, causal minus the other criterion, averaged over seeds, paired "
+             "on the test images")
+    declare("causal-1", *where, "Causal (interventional) importance of filters prunes better than the usual "
+            "cheap criteria, after the same fine-tuning", "expected (Sec. III), no number", after,
+            Above(0.0, "causal is better"), parts="cheap criterion")
+    declare("causal-1-noft", *where, "The same, straight after pruning (no fine-tuning)", "expected, no number",
+            after.replace("after fine-tuning", "straight after pruning"), Above(0.0, "causal is better"),
+            parts="cheap criterion")
+    declare("causal-1-null", *where, "Causal importance beats a random ranking (the null), after fine-tuning",
+            "implied", after.replace("the other criterion", "random"), Above(0.0, "better than random"))
+    declare("causal-2", *where, "A structural causal model over filters (Narendra et al.) ranks them better than "
+            "the magnitude of their weights, after fine-tuning", "expected (structural integrity), no number",
+            after.replace("causal minus the other criterion", "SCM minus L1"), Above(0.0, "the SCM is better"))
+    declare("causal-3", *where, "DoWhy estimates filter effects from observational data", "hoped for; its "
+            "efficiency listed as a risk", "Spearman's rho between DoWhy's back-door estimate (parents adjusted) "
+            "and the measured effect of removing each filter, bootstrap over filters",
+            Above(CAUSAL_RHO, f"rho above {CAUSAL_RHO}"))
+    declare("causal-3-refuters", *where, "An estimate that passes DoWhy's refuters is right (Fig. 1's "
+            "refute step)", "implied by the workflow", "share of the estimates passing all three refuters whose "
+            "95% interval holds the measured effect (Wilson interval)",
+            Above(CAUSAL_RIGHT, f"at least {CAUSAL_RIGHT:.0%} right"))
+    declare("causal-4a", *where, "Structured pruning gives measured speed-ups on a CPU", "expected (vs "
+            "unstructured sparsity), no number", "latency reduction at batch 64 of the most pruned network, "
+            "median over timing rounds", Above(CAUSAL_SPEEDUP, f"more than {CAUSAL_SPEEDUP:.0%} faster"))
+    declare("causal-4b", *where, "The speed-up follows the MAC reduction, at batch 64", "implied (FLOPs as "
+            "the proxy of cost)", "latency drop / MAC drop at batch 64, the most pruned network",
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+    declare("causal-4c", *where, "The speed-up follows the MAC reduction, at batch 1", "implied",
+            "latency drop / MAC drop at batch 1, the most pruned network",
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+    declare("causal-5", *where, "Pruning regularises: a lightly pruned network generalises better", "expected "
+            "(Sec. II), no number", "test accuracy of lightly pruned and fine-tuned LeNet5 minus the unpruned "
+            "one fine-tuned the same way, averaged over seeds, paired on the test images",
+            Above(0.0, "the pruned one is better"))
+    declare("causal-6", *where, "The causal view costs more computation than the cheap criteria",
+            "listed as a risk (Sec. IV)", "CPU seconds to score the filters by interventions over seconds by "
+            "Taylor, per seed", Above(1.0, "more costly"))
+
+
+_declare_causal()

@@ -120,12 +120,14 @@ def sweep(model: nn.Module, layer: str, orders: dict[str, Sequence[int]], fracti
 
 
 def finetuner(train: data_mod.Split, epochs: int, seed: int = 0, lr: float = 0.01, batch_size: int = 32,
-              device: str = "auto") -> Callable[[nn.Module], object] | None:
+              device: str = "auto", **config) -> Callable[[nn.Module], object] | None:
     """A function that fine-tunes a pruned model in place: ``epochs`` epochs of SGD at a constant rate
-    ``lr`` on ``train`` (None when ``epochs`` is 0)."""
+    ``lr`` on ``train`` (None when ``epochs`` is 0); ``config``: other TrainConfig fields (e.g. threads,
+    channels_last)."""
     if epochs == 0:
         return None
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="none", weight_decay=5e-4)
+    cfg = TrainConfig(**{"epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": "none",
+                         "weight_decay": 5e-4, **config})
     return lambda model: fit(model, train, None, cfg, seed=seed, device=device, progress=False)
 
 

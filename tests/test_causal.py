@@ -1,10 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from pruning_utils import causal, models, prune
+from pruning_utils import causal, claims, criteria, models, prune
 from pruning_utils.params import ParameterError
 
 
@@ -58,7 +60,7 @@ def test_the_filter_that_carries_the_class_has_the_largest_effect():
         for v in causal.INTERVENTIONS:
             imp = causal.importance(table, v, outcome)
             assert imp.argmax() == 0, (outcome, v, imp)
-            assert causal.ranking(imp)[-1] == 0
+            assert criteria.ranking(imp)[-1] == 0
     # without channel 0 the net calls every image class 0: accuracy falls to the share of class 0
     acc = table[(table["filter"] == 0) & (table["outcome"] == "accuracy") & (table["intervention"] == "zero")]
     base = causal.baseline_outcomes(net, x, y)["accuracy"].mean().item()
@@ -145,8 +147,27 @@ def test_scm_recovers_structural_coefficients():
                                [3.0, 0.5, 0.0], atol=0.02)
 
 
-def _randomise_batchnorm(net):
-    g = torch.Generator().manual_seed(1)
+def test_bad_arguments():
+    net = models.LeNet5()
+    x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
+    with pytest.raises(ParameterError, match="intervention='one' is not allowed; choose one of 'zero', 'mean'"):
+        causal.effects(net, "convnet.relu1", x, y, interventions=["one"])
+    with pytest.raises(ParameterError, match="layer='convnet.relu9' is not in the model"):
+        causal.outcomes_under(net, "convnet.relu9", x, y, [[0]])
+    with pytest.raises(ParameterError, match="adjustment='all' is not allowed"):
+        causal.observational_effects(np.ones((5, 2)), np.ones(5), np.ones((5, 1)), adjustments=["all"])
+    with pytest.raises(ParameterError, match="outcome='f1' is not allowed"):
+        causal.importance(pd.DataFrame(columns=["intervention", "outcome", "filter", "effect"]), "zero", "f1")
+    with pytest.raises(ParameterError, match="takes one layer"):
+        causal.outcomes_under(net, ["convnet.relu1", "convnet.relu3"], x, y, [[0]], fill=torch.zeros(6, 28, 28))
+    with pytest.raises(ParameterError, match="outcome='f1' is not allowed"):
+        criteria.make("causal", outcome="f1")
+    with pytest.raises(ParameterError, match="needs the activation|after the nonlinearity"):
+        criteria.score("causal", net, criteria.Target("convnet.c1"), criteria.Data(x, y))
+
+
+def _randomise_batchnorm(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g))
@@ -156,51 +177,116 @@ def _randomise_batchnorm(net):
     return net.eval()
 
 
-def test_resnet_inner_conv_removal_equals_zeroing_after_relu1():
-    net = _randomise_batchnorm(models.CifarResNet(20, in_channels=1))
-    x = torch.randn(6, 1, 28, 28)
-    plan = {"layer1.0.relu1": [0, 5], "layer2.1.relu1": list(range(10)), "layer3.2.relu1": [63, 1, 7]}
-    conv_of = {k: k.replace("relu1", "conv1") for k in plan}
-    gone = causal.removed(net, plan, conv_of, x[:1])
-    zeroed = causal.masked(net, plan)
+def test_group_effects_equal_the_effect_of_removing_the_channel():
+    """The interventional score of a coupled group (a residual stream too) is the measured change of the
+    outcome when that channel is physically removed from every layer of the group."""
+    net = _randomise_batchnorm(models.CifarResNet(8, in_channels=1))
+    x, y = torch.randn(12, 1, 16, 16), torch.randint(0, 10, (12,))
+    groups = criteria.coupled_groups(net, x[:1])
     with torch.no_grad():
-        torch.testing.assert_close(gone(x), zeroed(x), atol=1e-4, rtol=1e-4)
-        # zeroing the conv's output instead would not be removal: bn1 adds its shift back
-        wrong = prune.zero_channels(net, "layer1.0.conv1", [0, 5])
-        assert not torch.allclose(wrong(x), causal.masked(net, {"layer1.0.relu1": [0, 5]})(x), atol=1e-4)
-    assert gone.layer2[1].conv1.out_channels == 22 and gone.layer2[1].conv2.in_channels == 22
-    assert gone.layer2[1].conv2.out_channels == 32  # the residual stream keeps its width
-    assert models.count_parameters(gone) < models.count_parameters(net)
+        base = causal.outcomes(net(x), y)
+    for g in (groups[0], next(g for g in groups if g.name == "layer1.0.conv1")):  # the stem's stream, a block
+        scores = causal.group_effects(net, g, x, y, batch_size=4, max_batch=8)
+        for j in (0, g.size - 1):
+            gone = prune.remove_groups(net, {g.name: [j]}, x[:1])
+            with torch.no_grad():
+                after = causal.outcomes(gone(x), y, torch.log_softmax(net(x), 1))
+            for o in causal.OUTCOMES:
+                measured = causal.SIGN[o] * (after[o] - (base[o] if o != "kl" else 0)).mean().item()
+                assert scores[o][j] == pytest.approx(measured, abs=1e-4), (g.name, j, o)
 
 
-def test_plan_sweep_and_cost_table():
+def test_the_causal_criterion_finds_the_filter_that_carries_the_class():
+    net = tiny_net([[-4.0, 0.5, 0.0], [4.0, 0.0, 0.5]], [2.0, 0.0])
+    x, y = signal_data()
+    data = criteria.Data(x, y)
+    for outcome in causal.OUTCOMES:
+        for v in causal.INTERVENTIONS:
+            s = criteria.score("causal", net, criteria.Target("conv", act="relu"), data, outcome=outcome,
+                               intervention=v)
+            assert s.argmax() == 0 and s.shape == (3,), (outcome, v)
+    table = causal.effects(net, "relu", x, y, n_boot=10)
+    np.testing.assert_allclose(criteria.score("causal", net, criteria.Target("conv", act="relu"), data),
+                               causal.importance(table, "zero", "kl"), atol=1e-6)
+
+
+def test_several_layers_masked_at_once_equal_a_model_with_both_zeroed():
     net = models.LeNet5().eval()
-    sizes = {"convnet.relu1": 6, "convnet.relu3": 16}
-    ranks = {"convnet.relu1": [5, 4, 3, 2, 1, 0], "convnet.relu3": list(range(16))}
-    assert causal.plan(ranks, 0.5, sizes) == {"convnet.relu1": [5, 4, 3], "convnet.relu3": list(range(8))}
-    assert causal.plan(ranks, 0.99, sizes)["convnet.relu1"] == [5, 4, 3, 2, 1]  # one filter always stays
-    rows = causal.network_sweep(net, {"a": ranks}, sizes, [0.0, 0.5], evaluate=lambda m: 1.0, progress=False)
-    assert [r["removed"] for r in rows] == [0, 11]
-    conv_of = {"convnet.relu1": "convnet.c1", "convnet.relu3": "convnet.c3"}
-    small = causal.removed(net, causal.plan(ranks, 0.5, sizes), conv_of, torch.zeros(1, 1, 32, 32))
-    table = causal.cost_table({"unpruned": net, "half": small}, (1, 32, 32), batch_sizes=(1, 4), repeats=3,
-                              warmup=1)
-    assert table.loc["half", "MACs"] < table.loc["unpruned", "MACs"]
-    assert table.loc["half", "params"] < table.loc["unpruned", "params"]
-    assert table.loc["unpruned", "MAC reduction"] == 0 and 0 < table.loc["half", "MAC reduction"] < 1
-    assert (table[["latency b1 (ms)", "latency b4 (ms)"]] > 0).all().all()
+    x, y = torch.randn(10, 1, 32, 32), torch.randint(0, 10, (10,))
+    do = causal.outcomes_under(net, ["convnet.relu1", "convnet.relu3"], x, y, [[0], [2, 3]], batch_size=4)
+    for k, s in enumerate([[0], [2, 3]]):
+        ref_net = prune.zero_channels(prune.zero_channels(net, "convnet.relu1", s), "convnet.relu3", s)
+        with torch.no_grad():
+            ref = causal.outcomes(ref_net(x), y, torch.log_softmax(net(x), 1))
+        for o in causal.OUTCOMES:
+            torch.testing.assert_close(do[o][:, k], ref[o], atol=1e-5, rtol=1e-5)
 
 
-def test_bad_arguments():
-    net = models.LeNet5()
-    x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
-    with pytest.raises(ParameterError, match="intervention='one' is not allowed; choose one of 'zero', 'mean'"):
-        causal.effects(net, "convnet.relu1", x, y, interventions=["one"])
-    with pytest.raises(ParameterError, match="layer='convnet.relu9' is not in the model"):
-        causal.outcomes_under(net, "convnet.relu9", x, y, [[0]])
-    with pytest.raises(ParameterError, match="fraction=1.0 is not allowed"):
-        causal.plan({"a": [0, 1]}, 1.0, {"a": 2})
-    with pytest.raises(ParameterError, match="adjustment='all' is not allowed"):
-        causal.observational_effects(np.ones((5, 2)), np.ones(5), np.ones((5, 1)), adjustments=["all"])
-    with pytest.raises(ParameterError, match="outcome='f1' is not allowed"):
-        causal.importance(pd.DataFrame(columns=["intervention", "outcome", "filter", "effect"]), "zero", "f1")
+def test_a_dead_treatment_gives_no_estimate_and_a_zero_implied_effect():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(300, 2))
+    t = np.c_[np.abs(w[:, 0]) + 1.0, np.zeros(300)]  # filter 1 never fires
+    y = 2.0 * t[:, 0] + rng.normal(size=300)
+    out = causal.observational_effects(t, y, np.c_[w, np.zeros(300)], adjustments=["parents"])
+    dead = out[out["filter"] == 1].iloc[0]
+    assert np.isnan(dead["slope"]) and dead["implied effect"] == dead["implied lo"] == dead["implied hi"] == 0
+    assert out[out["filter"] == 0].iloc[0]["slope lo"] < 2.0 < out[out["filter"] == 0].iloc[0]["slope hi"]
+
+
+def test_the_refuters_pass_an_estimate_that_omits_a_confounder():
+    """The negative control: the estimate is wrong (about 2 against a true 1) and the refuters cannot tell."""
+    ctl = causal.refuter_control(n=1000, simulations=3, seed=0).iloc[0]
+    assert ctl["lo"] > 1.5 and ctl["true effect"] == 1.0
+    assert all(ctl[f"{r} p"] > 0.05 for r in causal.REFUTERS)
+
+
+def test_correct_marks_each_image():
+    net = tiny_net([[-4.0, 0.5, 0.0], [4.0, 0.0, 0.5]], [2.0, 0.0])
+    x, y = signal_data(50)
+    ok = causal.correct(net, x, y, batch_size=16)
+    assert ok.shape == (50,) and ok.all()
+    assert not causal.correct(net, x, 1 - y).any()
+
+
+def test_the_chapters_claims_are_declared_with_rules_that_can_go_either_way():
+    keys = [c.key for c in claims.of_chapter("05_causal_pruning")]
+    assert keys[:2] == ["causal-1", "causal-1-noft"] and "causal-4b" in keys
+    rule = claims.CLAIMS["causal-4b"].rule
+    assert rule.decide(claims.Estimate(0.9, 0.85, 0.95, 20)) is claims.Verdict.HOLDS
+    assert rule.decide(claims.Estimate(0.5, 0.45, 0.55, 20)) is claims.Verdict.DOES_NOT_HOLD
+    assert rule.decide(claims.Estimate(0.8, 0.7, 0.9, 20)) is claims.Verdict.INCONCLUSIVE
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"latency_macs_kept": [0.5, float("nan")]}, r"latency_macs_kept=\[0.5, nan\]: element \[1\] = nan is not "
+                                                 r"allowed: not a finite number"),
+    ({"latency_macs_kept": [0.25, 0.25]}, r"latency_macs_kept=\[0.25, 0.25\] is not allowed: 0.25 appear"),
+    ({"rank_outcomes": ["kl", "kl"]}, r"rank_outcomes=\['kl', 'kl'\] is not allowed"),
+    ({"resnet_fraction": float("inf")}, r"resnet_fraction=inf is not allowed: not a finite number"),
+    ({"latency_block": 8.0}, r"latency_block=8.0 is not allowed"),
+    ({"latency_block": True}, r"latency_block=True is not allowed"),
+    ({"lenet_layers": ["c3"]}, r"lenet_layers=\['c3'\]: element \[0\] = 'c3' is not allowed"),
+])
+def test_chapter_parameters_are_checked_and_named(override, message):
+    from pruning_utils import presets
+
+    with pytest.raises(ParameterError, match=message):
+        presets.chapter_params("causal_pruning", "smoke", **override)
+
+
+def test_list_parameters_come_back_in_one_order():
+    from pruning_utils import presets
+
+    a = presets.chapter_params("causal_pruning", "smoke", rank_outcomes=["prob", "kl"], latency_macs_kept=[0.5, 0.25])
+    b = presets.chapter_params("causal_pruning", "smoke", rank_outcomes=["kl", "prob"], latency_macs_kept=[0.25, 0.5])
+    assert a.rank_outcomes == b.rank_outcomes == ["kl", "prob"]  # ties in the outcome choice go to the first
+    assert a.latency_macs_kept == b.latency_macs_kept == [0.25, 0.5]
+
+
+def test_too_many_images_for_the_training_split_is_a_clear_error(monkeypatch):
+    from pruning_utils import baselines
+
+    monkeypatch.setattr(baselines, "get", lambda name, P: SimpleNamespace(train=range(60000)))
+    P = SimpleNamespace(resnet_images=40000, resnet_val_images=20000, resnet_finetune_images=10000)
+    with pytest.raises(ParameterError, match="resnet_images \\+ resnet_val_images \\+ resnet_finetune_images"):
+        causal.setup(P)
