@@ -462,3 +462,75 @@ def _declare_causal() -> None:
 
 
 _declare_causal()
+
+
+# --- chapter 1 (paper 000) ---
+# Constants of the rules, fixed before any run. Accuracies on MNIST-5k's 1,000 test digits carry a standard
+# error of about 0.01-0.015, so a difference under 0.05 is about what one figure could not tell apart.
+DT_TABLE1_TOLERANCE = 0.05  # "reproduces a Table 1 accuracy": the interval within 0.05 of it
+DT_MARGIN_BAND = (0.5, 2.0)  # "by about the paper's margin": our gap within a factor of two of the paper's
+DT_NO_GAP = 0.05  # Fig. 4 "no improvement" at conv1: mean best-minus-worst gap below 0.05
+DT_MARGINAL = 0.5  # Fig. 4 "marginal" at conv2 beside "drastic" at conv3: conv2's gap under half of conv3's
+DT_DRASTIC = 0.15  # Fig. 4 "drastic difference" at conv3: mean gap above 0.15
+DT_KEPT = 0.75  # "maintains around 0.80" with over 90% of the features removed: the interval above 0.75
+DT_LENET5_TOLERANCE = 0.01  # LeNet5 "achieves 0.9907": the interval above 0.9807
+DT_NONINFERIOR = 0.02  # gain ranks the CNN's filters "as well as" L1: at most 0.02 lower accuracy
+
+
+def _declare_decision_trees() -> None:
+    from . import reference
+
+    ref = reference.DECISION_TREES
+    where = ("01_decision_tree_pruning", "dt-claims")
+    single = " / ".join(f"{v:.4g}" for v in ref["single"].values())
+    boosted = " / ".join(f"{v:.4g}" for v in ref["xgboost"].values())
+    gaps = " / ".join(f"{ref['xgboost'][k] - ref['single'][k]:+.3f}" for k in ref["single"])
+    readings = {"xgboost": "one XGBoost round", "cart": "one CART tree"}
+    declare("dt-lenet5", *where, "LeNet5 reaches 0.9907 test accuracy (Table 1 caption)",
+            f"{ref['lenet5_acc']} (MNIST, 60,000 training digits)", "LeNet5's test accuracy",
+            Above(round(ref["lenet5_acc"] - DT_LENET5_TOLERANCE, 4), f"within {DT_LENET5_TOLERANCE} of 0.9907"))
+    for r, name in readings.items():
+        declare(f"dt-table1-{r}", *where, f"A single tree on mean filter scores reaches Table 1's accuracies "
+                f"(single tree read as {name})", f"conv1 / conv2 / conv3: {single}",
+                "single-tree test accuracy minus the paper's",
+                Between(-DT_TABLE1_TOLERANCE, DT_TABLE1_TOLERANCE, "within 0.05 of the paper"), parts="layer")
+    declare("dt-table1-boosted", *where, f"XGBoost ({ref['n_estimators']} rounds) reaches Table 1's accuracies",
+            f"conv1 / conv2 / conv3: {boosted}", "XGBoost test accuracy minus the paper's",
+            Between(-DT_TABLE1_TOLERANCE, DT_TABLE1_TOLERANCE, "within 0.05 of the paper"), parts="layer")
+    for r, name in readings.items():
+        declare(f"dt-margin-{r}", *where, "XGBoost beats a single tree at every layer, by about the paper's "
+                f"margin (Table 1; single tree read as {name})", f"gaps {gaps}",
+                "(XGBoost accuracy - single-tree accuracy) / the paper's gap at that layer",
+                Between(*DT_MARGIN_BAND, "within a factor of two of the paper's gap"), parts="layer")
+    declare("dt-depth", *where, "Accuracy grows with depth, conv1 < conv2 < conv3, for the single tree and "
+            "for XGBoost (Table 1)", f"{single}; {boosted}",
+            "accuracy at the deeper layer minus at the shallower one, paired on the test images",
+            Above(0.0, "the deeper layer is better"), parts="model and pair of adjacent layers")
+    for r, name in readings.items():
+        declare(f"dt-fig4-{r}", *where, "Best- and worst-case pruning differ not at all at conv1, marginally at "
+                f"conv2 and drastically at conv3 (Fig. 4; single tree read as {name})",
+                "no improvement / marginal / drastic (read off Fig. 4)",
+                f"margin of the mean best-minus-worst gap to the paper's words: conv1 {DT_NO_GAP} - gap; conv2 "
+                f"{DT_MARGINAL} x conv3's gap - conv2's gap; conv3 gap - {DT_DRASTIC}",
+                Above(0.0, "on the paper's side of each bound"), parts="layer")
+    for r, name in readings.items():
+        declare(f"dt-kept-{r}", *where, "At conv3 a single tree keeps about 0.80 accuracy with over 90% of the "
+                f"features removed (Fig. 4; single tree read as {name})", f"about {ref['kept_acc']:.2f}",
+                "best-case accuracy at the fewest removals above 90% of conv3's features",
+                Above(DT_KEPT, "at least about 0.80"))
+    declare("dt-aggregation", *where, "The mean loses information that the max or the top-k mean keeps: "
+            "another aggregation raises the trees' accuracy at conv1 and conv2 (Sec. 3, future work)",
+            "suggested, not measured", "XGBoost accuracy on top-k-mean scores minus on mean scores",
+            Above(0.0, "the top-k mean is better"), parts="layer with maps larger than 1x1")
+    declare("dt-cnn-random", *where, "Pruning the CNN's filters by tree gain is a promising strategy: it beats "
+            "random rankings (Sec. 5, future work)", "proposed, not measured",
+            "CNN accuracy after pruning by gain minus by random rankings, mean over the target fractions, paired "
+            "on the test images", Above(0.0, "gain is better than chance"), parts="layer and fine-tuning")
+    declare("dt-cnn-l1", *where, "Pruning the CNN's filters by tree gain is as good as by the L1 norm of the "
+            "weights (Sec. 5, future work; L1 is the standard cheap criterion)", "proposed, not measured",
+            "CNN accuracy after pruning by gain minus by L1, mean over the target fractions, paired on the test "
+            "images", Above(-DT_NONINFERIOR, f"no more than {DT_NONINFERIOR} below L1"),
+            parts="layer and fine-tuning")
+
+
+_declare_decision_trees()

@@ -439,3 +439,9 @@ def coupled_groups(model: nn.Module, example_input: torch.Tensor, roots: list[st
         out.append(Group(name, g, Target(conv, relus[0] if relus else None,
                                          max(bns, key=order.index) if bns else None)))
     return out
+
+
+# --- chapter 1 (paper 000) ---
+# The tree-gain criterion 'gain' lives with the trees it fits; importing it here registers it, so that
+# make("gain") works wherever this module is imported.
+from . import trees as _trees  # noqa: E402,F401

@@ -44,39 +44,49 @@ CHAPTERS: dict[str, tuple[dict[str, Param], dict[str, dict]]] = {
     ),
 }
 
-_TREES_DEFAULT = {**_COMMON_DEFAULT, "dataset": None,
-                  "layers": ["relu1", "relu3", "relu5"], "aggregation": "mean", "topk": 5,
-                  "tree_backend": "xgboost", "tree_depth": None, "n_estimators": 500, "pruning_steps": 12, "histogram_layer": "relu3",
-                  "compare_estimators": 100, "cnn_fractions": [0.0, 0.25, 0.5, 0.75, 0.9],
-                  "random_rankings": 3, "finetune_epochs": 1, "max_images": None}
+# --- chapter 1 (paper 000) ---
+_LENET5_LAYERS = ("conv1", "conv2", "conv3")  # paper 000's names; models.LENET5_LAYERS maps them to modules
+# One thread: `make book` runs chapters side by side, a core each (the results depend on the count, not the core).
+_TREES_DEFAULT = {**_COMMON_DEFAULT, "threads": 1, "seeds": [0, 1, 2], "dataset": None,
+                  "layers": list(_LENET5_LAYERS),
+                  "aggregation": "mean", "topk": 5, "tree_depth": None, "n_estimators": 500,
+                  "pruning_steps": 12, "histogram_layer": "conv2", "compare_estimators": 100,
+                  "pruned_depth": "rule", "gain_tree": "xgboost", "cnn_fractions": [0.25, 0.5, 0.75, 0.9],
+                  "random_rankings": 2,
+                  "finetune_epochs": 1, "finetune_images": 1000, "max_images": None}
 
 CHAPTERS["decision_trees"] = (  # chapter 1, paper 000
     {
         **_COMMON,
         "dataset": Param("LeNet5's data set", choices=("mnist5k", "mnist"), optional=True),
-        "layers": Param("activation layers whose filters are scored", choices=("relu1", "relu3", "relu5"),
-                        many=True),
-        "aggregation": Param("how a map becomes one score", choices=("mean", "max", "topk")),
+        "layers": Param("LeNet5 conv layers whose filters are scored", choices=_LENET5_LAYERS, many=True),
+        "aggregation": Param("how a map becomes one score (the paper: mean)", choices=("mean", "max", "topk")),
         "topk": Param("k of the top-k mean", int, lo=1),
-        "tree_backend": Param("single tree: one XGBoost round or a CART tree", choices=("xgboost", "cart")),
-        "tree_depth": Param("tree depth; None: the paper's rule round(log2 n)", int, lo=1, optional=True),
-        "n_estimators": Param("boosting rounds of the XGBoost model", int, lo=1),
-        "pruning_steps": Param("points on each pruning curve", int, lo=2),
-        "histogram_layer": Param("layer of the class histograms (Fig. 2)", choices=("relu1", "relu3", "relu5")),
+        "tree_depth": Param("depth of every tree; None: the paper's rule round(log2 n), n the features a tree "
+                            "is trained on", int, lo=1, optional=True),
+        "pruned_depth": Param("with tree_depth None, the depth of a tree refitted on the features left: the "
+                              "rule on those, or the unpruned tree's depth", choices=("rule", "unpruned")),
+        "n_estimators": Param("boosting rounds of the XGBoost model (the paper: 500)", int, lo=1),
+        "pruning_steps": Param("evenly spaced points on each pruning curve", int, lo=2),
+        "histogram_layer": Param("layer of the class histograms (Fig. 2)", choices=_LENET5_LAYERS),
         "compare_estimators": Param("boosting rounds when comparing aggregations", int, lo=1),
-        "cnn_fractions": Param("fractions of a layer's filters removed from the CNN", float, lo=0.0, hi=0.95,
-                               many=True),
-        "random_rankings": Param("seeds of the random filter ranking", int, lo=1),
+        "gain_tree": Param("single tree whose gain ranks the CNN's filters: one XGBoost round or a CART tree",
+                           choices=("xgboost", "cart")),
+        "cnn_fractions": Param("target fractions of a layer's filters removed from the CNN", float, lo=0.0,
+                               hi=0.95, many=True),
+        "random_rankings": Param("random filter rankings per network (the null)", int, lo=1),
         "finetune_epochs": Param("epochs of fine-tuning after pruning the CNN (0: none)", int, lo=0),
+        "finetune_images": Param("training images of the fine-tuning (None: all)", int, lo=32, optional=True),
         "max_images": Param("cap on training images scored (None: all)", int, lo=100, optional=True),
     },
     {
-        "smoke": {**_TREES_DEFAULT, "n_estimators": 10, "pruning_steps": 4, "compare_estimators": 5,
-                  "cnn_fractions": [0.0, 0.5], "random_rankings": 1, "max_images": 600},
+        "smoke": {**_TREES_DEFAULT, "seeds": [0, 1], "n_estimators": 10, "pruning_steps": 4,
+                  "compare_estimators": 5, "cnn_fractions": [0.5], "random_rankings": 1,
+                  "finetune_images": 200, "max_images": 600},
         "default": _TREES_DEFAULT,
-        "full": {**_TREES_DEFAULT, "download": True, "pruning_steps": 20, "compare_estimators": 500,
-                 "cnn_fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "random_rankings": 5,
-                 "finetune_epochs": 2},
+        "full": {**_TREES_DEFAULT, "download": True, "seeds": [0, 1, 2, 3, 4], "pruning_steps": 20,
+                 "compare_estimators": 500, "cnn_fractions": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                 "random_rankings": 5, "finetune_epochs": 2, "finetune_images": None},
     },
 )
 

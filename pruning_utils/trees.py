@@ -1,15 +1,29 @@
-"""Decision trees on filter scores (paper 000, chapter 1): depth rule, XGBoost gain, pruning curves."""
+"""Decision trees on filter scores (paper 000, chapter 1): the depth rule, the two readings of "a single
+decision tree", XGBoost's gain, pruning curves, class histograms, and the tree-gain criterion ``gain``.
+
+The paper trains "a single DT" of depth round(log2 n) on the n filter scores of a layer and ranks the
+filters by that tree's "gain" (Chen and Guestrin's split gain). It does not say which library grew the
+tree, so the book runs both readings side by side (:data:`READINGS`):
+
+- ``"xgboost"``: one XGBoost boosting round. With the multi-class objective that is one tree per class, and
+  its importance is XGBoost's gain (the mean gain of the splits on a feature), the paper's formula exactly;
+- ``"cart"``: one scikit-learn CART tree for all classes; its importance is the impurity decrease.
+
+Each tree is ranked by its own importance (:func:`tree_gain`), never by that of another model.
+XGBoost and scikit-learn are imported when first used, so that importing :mod:`pruning_utils.criteria`
+(which registers ``gain`` from here) stays cheap.
+"""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.tree import DecisionTreeClassifier
-from xgboost import XGBClassifier
 
-from .params import check_choice
+from . import criteria
+from .params import ParameterError, check_choice
 
-BACKENDS = ("xgboost", "cart")
+READINGS = ("xgboost", "cart")
+READING_NAMES = {"xgboost": "one XGBoost round", "cart": "one CART tree"}
 
 
 def depth_for(n_features: int) -> int:
@@ -17,59 +31,93 @@ def depth_for(n_features: int) -> int:
     return max(1, round(math.log2(max(n_features, 1))))
 
 
-def fit_trees(x: np.ndarray, y: np.ndarray, n_estimators: int = 1, max_depth: int | None = None,
-              seed: int = 0, backend: str = "xgboost"):
-    """Fit gradient-boosted trees (``n_estimators`` rounds; 1 round = the paper's single DT) or a CART tree.
+def _check_threads(threads: int) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ParameterError(f"threads={threads!r} is not allowed; expected an int >= 1")
+    return threads
 
-    In multi-class XGBoost one boosting round is one tree per class, each of depth ``max_depth``
-    (default: :func:`depth_for` the number of features); ``backend='cart'`` fits one scikit-learn tree.
-    """
-    check_choice("backend", backend, BACKENDS)
-    depth = max_depth or depth_for(x.shape[1])
-    if backend == "cart":
-        return DecisionTreeClassifier(max_depth=depth, random_state=seed).fit(x, y)
-    model = XGBClassifier(n_estimators=n_estimators, max_depth=depth, tree_method="hist", random_state=seed,
-                          n_jobs=2, importance_type="gain", eval_metric="mlogloss")
+
+def fit_tree(x: np.ndarray, y: np.ndarray, reading: str = "xgboost", max_depth: int | None = None,
+             seed: int = 0, threads: int = 1):
+    """The paper's "single DT" on features ``x`` (N, n) and labels ``y``, in one of :data:`READINGS`, of
+    depth ``max_depth`` (None: :func:`depth_for` n). XGBoost runs on ``threads`` threads (a parameter,
+    never the machine's core count)."""
+    check_choice("reading", reading, READINGS)
+    if reading == "cart":
+        from sklearn.tree import DecisionTreeClassifier
+
+        return DecisionTreeClassifier(max_depth=max_depth or depth_for(x.shape[1]), random_state=seed).fit(x, y)
+    return fit_boosted(x, y, 1, max_depth, seed, threads)
+
+
+def fit_boosted(x: np.ndarray, y: np.ndarray, n_estimators: int = 500, max_depth: int | None = None,
+                seed: int = 0, threads: int = 1):
+    """XGBoost with ``n_estimators`` boosting rounds of trees of depth ``max_depth`` (None: the rule)."""
+    from xgboost import XGBClassifier
+
+    model = XGBClassifier(n_estimators=n_estimators, max_depth=max_depth or depth_for(x.shape[1]),
+                          tree_method="hist", random_state=seed, n_jobs=_check_threads(threads),
+                          importance_type="gain", eval_metric="mlogloss")
     return model.fit(x, y)
 
 
-def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Test accuracy of a fitted tree model."""
-    return float((model.predict(x) == y).mean())
+def importance(model, n_features: int) -> np.ndarray:
+    """Per-feature importance of a fitted tree model: XGBoost's "gain" (the mean gain of the feature's
+    splits, asked for by name: Booster.get_score defaults to "weight"), or a CART tree's impurity
+    decrease. Features never split on get 0."""
+    if hasattr(model, "get_booster"):
+        out = np.zeros(n_features)
+        for key, value in model.get_booster().get_score(importance_type="gain").items():
+            out[int(key[1:])] = value  # keys are "f0", "f1", ... for numpy input
+        return out
+    return np.asarray(model.feature_importances_, dtype=float)
 
 
-def gain_importance(model, n_features: int) -> np.ndarray:
-    """Per-feature importance: XGBoost's average "gain" of the feature's splits (Chen & Guestrin's Gain,
-    asked for explicitly: Booster.get_score defaults to "weight"); for CART, the impurity decrease.
-    Features never split on get 0."""
-    if isinstance(model, DecisionTreeClassifier):
-        return model.feature_importances_.astype(float)
-    scores = model.get_booster().get_score(importance_type="gain")
-    out = np.zeros(n_features)
-    for key, value in scores.items():
-        out[int(key[1:])] = value  # keys are "f0", "f1", ... for numpy input
-    return out
+def tree_gain(x: np.ndarray, y: np.ndarray, reading: str = "xgboost", max_depth: int | None = None,
+              seed: int = 0, threads: int = 1) -> np.ndarray:
+    """The gain of each feature in the single tree (reading ``reading``) fitted on ``x``, ``y``: the
+    ranking the paper prunes by (its own tree's, not another model's)."""
+    return importance(fit_tree(x, y, reading, max_depth, seed, threads), x.shape[1])
 
 
-def removal_orders(importance: np.ndarray) -> dict[str, np.ndarray]:
-    """Best case removes the least important feature first, worst case the most important (Fig. 4)."""
-    best = np.argsort(importance, kind="stable")
+def correct(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-image correctness (bool) of a fitted tree model on ``x``: its accuracy is the mean."""
+    return np.asarray(model.predict(x)) == np.asarray(y)
+
+
+def removal_orders(gain: np.ndarray) -> dict[str, np.ndarray]:
+    """Best case removes the least important feature first, worst case the most important (Fig. 4).
+    Ties keep the feature order in the best case (a stable sort); the worst case is its reverse."""
+    best = np.argsort(np.asarray(gain, dtype=float), kind="stable")
     return {"best": best, "worst": best[::-1].copy()}
 
 
+def removal_steps(n: int, steps: int, fractions_above: tuple[float, ...] = ()) -> np.ndarray:
+    """How many of ``n`` features each point of a pruning curve removes: ``steps`` evenly spaced counts
+    from 0 to n - 1, plus for each f in ``fractions_above`` the fewest removals that exceed the share f
+    (when at least one feature is then left)."""
+    if steps < 2:
+        raise ParameterError(f"steps={steps!r} is not allowed; expected an int >= 2")
+    ks = set(np.linspace(0, n - 1, min(steps, n)).round().astype(int).tolist())
+    for f in fractions_above:
+        k = math.floor(f * n) + 1
+        if k <= n - 1:
+            ks.add(k)
+    return np.array(sorted(ks))
+
+
 def pruning_curve(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                  order: np.ndarray, steps: int = 10, seed: int = 0, backend: str = "xgboost",
-                  n_estimators: int = 1, max_depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Remove features in ``order``, refit a tree on the rest at each step (depth ``max_depth``, or by the
-    rule on what is left when None); return the fractions removed and the test accuracies."""
-    n = x_train.shape[1]
-    removed = np.unique(np.linspace(0, n - 1, min(steps, n)).round().astype(int))
-    accs = []
+                  order: np.ndarray, removed: np.ndarray, reading: str = "xgboost", max_depth: int | None = None,
+                  seed: int = 0, threads: int = 1) -> np.ndarray:
+    """Per-image test correctness (points, images) of a single tree refitted after removing the first
+    ``k`` features of ``order``, for each k in ``removed`` (paper 000, Fig. 4). The depth is ``max_depth``
+    or, when None, the rule on the features that remain, as for a tree trained on them from the start."""
+    rows = []
     for k in removed:
         keep = np.sort(order[k:])
-        model = fit_trees(x_train[:, keep], y_train, n_estimators, max_depth, seed, backend)
-        accs.append(accuracy(model, x_test[:, keep], y_test))
-    return removed / n, np.array(accs)
+        model = fit_tree(x_train[:, keep], y_train, reading, max_depth, seed, threads)
+        rows.append(correct(model, x_test[:, keep], y_test))
+    return np.array(rows)
 
 
 def top_map_counts(scores: np.ndarray, labels: np.ndarray, num_classes: int, rank: int = 0) -> np.ndarray:
@@ -80,16 +128,26 @@ def top_map_counts(scores: np.ndarray, labels: np.ndarray, num_classes: int, ran
     return counts
 
 
-def layer_study(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                n_estimators: int = 500, steps: int = 10, seed: int = 0, backend: str = "xgboost",
-                max_depth: int | None = None) -> dict:
-    """Paper 000 on one layer's filter scores: single-tree and XGBoost test accuracy (Table 1), the
-    XGBoost gain per filter (Fig. 3), and best- and worst-case pruning curves of a single tree (Fig. 4).
-    Trees have depth ``max_depth``, or the paper's rule round(log2 n) when None."""
-    single = fit_trees(x_train, y_train, 1, max_depth, seed, backend)
-    boosted = fit_trees(x_train, y_train, n_estimators, max_depth, seed)
-    gain = gain_importance(boosted, x_train.shape[1])
-    curves = {case: pruning_curve(x_train, y_train, x_test, y_test, order, steps, seed, backend, 1, max_depth)
-              for case, order in removal_orders(gain).items()}
-    return {"depth": max_depth or depth_for(x_train.shape[1]), "single_acc": accuracy(single, x_test, y_test),
-            "boosted_acc": accuracy(boosted, x_test, y_test), "gain": gain, "curves": curves}
+@criteria.register("gain")
+class Gain(criteria.Criterion):
+    """Paper 000's criterion: score each filter's map on ``data`` by ``aggregation`` (the paper: the mean),
+    fit the single tree of ``reading`` on those scores and the labels, and return each filter's gain in
+    that tree (:func:`tree_gain`). Chapter 1 prunes LeNet5 with it."""
+
+    needs_data = True
+
+    def __init__(self, reading: str = "xgboost", max_depth: int | None = None, aggregation: str = "mean",
+                 topk: int = 5, seed: int = 0, threads: int = 1):
+        from .activations import AGGREGATIONS
+
+        self.reading = check_choice("reading", reading, READINGS)
+        self.aggregation = check_choice("aggregation", aggregation, AGGREGATIONS)
+        self.max_depth, self.topk, self.seed, self.threads = max_depth, topk, seed, _check_threads(threads)
+
+    def score(self, model, target, data=None):
+        from .activations import channel_scores
+
+        if target.act is None:
+            raise ParameterError(f"criterion 'gain' needs the activation after {target.conv!r}: Target(act=...)")
+        x = channel_scores(model, data.x, [target.act], how=self.aggregation, k=self.topk)[target.act]
+        return tree_gain(x.numpy(), data.y.numpy(), self.reading, self.max_depth, self.seed, self.threads)
