@@ -464,6 +464,80 @@ def _declare_causal() -> None:
 _declare_causal()
 
 
+# --- chapter 4 (paper 003) ---
+# Constants of the rules, fixed before any run. LeNet-300-100's accuracies on Fashion-MNIST's 10,000 test
+# images carry a binomial standard error of about 0.003-0.005; training seeds move them more.
+NM_BASE_TOLERANCE = 0.01  # "reaches 89.80%": the interval within one point of it
+NM_KEPT_TOLERANCE = 0.02  # "merging keeps 80.02% at ratio 0.8": the interval above 0.7802
+NM_THRESHOLD_TOLERANCE = 0.01  # "threshold 0.45 / lambda 0.85 suit the network": within a point of the best
+NM_EXACT = 1e-3  # "exact": the largest change of any output (logit) below 1e-3
+NM_SECTION = ("04_neuron_merging", "nm-claims")
+
+
+def _declare_neuron_merging() -> None:
+    from . import reference
+
+    ref = reference.NEURON_MERGING
+    t1 = ref["lenet300100_l1"]
+    lo, hi = min(t1), max(t1)
+    gains = ", ".join(f"{r:g}: {t1[r]['merge'] - t1[r]['prune']:+.4f}" for r in t1)
+    paired = "merge minus prune accuracy without fine-tuning (the same kept neurons, the same test images)"
+    declare("nm-baseline", *NM_SECTION, "LeNet-300-100 reaches 89.80% on Fashion-MNIST (Table 1's baseline)",
+            f"{ref['lenet300100_acc']:.4f}", "test accuracy of each training seed's network",
+            Between(round(ref["lenet300100_acc"] - NM_BASE_TOLERANCE, 4),
+                    round(ref["lenet300100_acc"] + NM_BASE_TOLERANCE, 4), f"within {NM_BASE_TOLERANCE} of it"))
+    declare("nm-beats-prune", *NM_SECTION, "Without fine-tuning, merging beats pruning at every ratio "
+            "(LeNet-300-100, l1; Table 1)", gains, paired + ", paired by training seed",
+            Above(0.0, "merging is better"), parts="pruning ratio")
+    declare("nm-gain-grows", *NM_SECTION, "The gain of merging grows with the pruning ratio (Table 1)",
+            f"{t1[lo]['merge'] - t1[lo]['prune']:+.4f} at {lo:g} to {t1[hi]['merge'] - t1[hi]['prune']:+.4f} "
+            f"at {hi:g}", "gain at the largest ratio minus gain at the smallest, per training seed",
+            Above(0.0, "larger at the larger ratio"))
+    declare("nm-kept-at-08", *NM_SECTION, f"Merging keeps {100 * t1[0.8]['merge']:.2f}% accuracy with 80% of the "
+            "hidden neurons removed (Table 1)", f"{t1[0.8]['merge']:.4f} (prune: {t1[0.8]['prune']:.4f})",
+            "merged test accuracy at ratio 0.8, l1, per training seed",
+            Above(round(t1[0.8]["merge"] - NM_KEPT_TOLERANCE, 4), f"at most {NM_KEPT_TOLERANCE} below it"))
+    declare("nm-every-criterion", *NM_SECTION, "Merging beats pruning whichever criterion keeps the neurons "
+            "(l1, l2, l2-GM; the paper's tables)", "yes, for each criterion", paired + ", paired by training seed",
+            Above(0.0, "merging is better"), parts="criterion and ratio")
+    vgg = ref["vgg16_cifar10"]
+    declare("nm-bn-beats-prune", *NM_SECTION, "With BatchNorm (Algorithm 3), merging beats pruning",
+            f"VGG-16 on CIFAR-10: {vgg['prune']:.4f} pruned, {vgg['merge']:.4f} merged",
+            "merge (the reference's BN formula) minus prune accuracy, paired over the test images of one "
+            "trained network", Above(0.0, "merging is better"), parts="pruning ratio")
+    declare("nm-s-direction", *NM_SECTION, "s has the pruned neuron's norm on top; reversed, accuracy is about "
+            "4% lower (the report)", f"{ref['s_reversed_drop']:+.2f} on average",
+            "accuracy with s reversed minus with s as in the paper, mean over the ratios (LeNet-300-100: paired "
+            "by seed; BN network: paired over test images)", Below(0.0, "reversed is worse"), parts="network")
+    declare("nm-threshold", *NM_SECTION, f"Threshold {ref['thresholds']['lenet300100']:g} suits LeNet-300-100 "
+            "(the reference script)", f"{ref['thresholds']['lenet300100']:g}",
+            "accuracy at the sweep's best threshold minus at the chapter's, mean over ratios, paired by seed",
+            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
+    declare("nm-lambda", *NM_SECTION, f"lambda = {ref['lam']['vgg16']:g} suits the BN network (the reference "
+            "scripts)", f"{ref['lam']['vgg16']:g}",
+            "accuracy at the sweep's best lambda minus at the chapter's, paired over test images",
+            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
+    declare("nm-exact-fc", *NM_SECTION, "Merging is exact when every pruned neuron is a positive multiple of a "
+            "kept one (Theorem 1), fully connected", "exact",
+            "largest output change on 200 test images of a planted LeNet-300-100, per seed",
+            Below(NM_EXACT, f"below {NM_EXACT:g}"))
+    declare("nm-exact-bn", *NM_SECTION, "... and with BatchNorm, as the reference code computes the scale "
+            "(Theorem 1, Algorithm 3)", "exact",
+            "largest output change on 200 test images of the planted BN network, reference BN formula, per plant "
+            "seed", Below(NM_EXACT, f"below {NM_EXACT:g}"))
+    declare("nm-chains", *NM_SECTION, "The merge-able layers of a branch-free model can be found automatically, "
+            "with hooks on a dummy input, instead of being hard-coded (the report, Sec. 4.1)", "proposed",
+            "share of the runs in which the chains found in LeNet-300-100 are exactly the reference's "
+            "hard-coded ones", Between(1.0, 1.0, "all of them, and nothing else"))
+    declare("nm-leaky", *NM_SECTION, "Merging extends to LeakyReLU, which is positively homogeneous too (the "
+            "report, Sec. 4.2)", "proposed, not measured",
+            "merge minus prune accuracy of the LeakyReLU twin, mean over the ratios, paired by seed",
+            Above(0.0, "merging is better"))
+
+
+_declare_neuron_merging()
+
+
 # --- chapter 1 (paper 000) ---
 # Constants of the rules, fixed before any run. Accuracies on MNIST-5k's 1,000 test digits carry a standard
 # error of about 0.01-0.015, so a difference under 0.05 is about what one figure could not tell apart.

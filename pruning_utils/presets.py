@@ -196,9 +196,10 @@ CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
     },
 )
 
-_MERGING_DEFAULT = {**_COMMON_DEFAULT, "ratios": [0.5, 0.6, 0.7, 0.8],
-                    "criteria": ["l1", "l2", "l2-GM"], "fc_threshold": 0.45,
-                    "threshold_sweep": [-1.0, 0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9],
+# --- chapter 4 (paper 003) ---
+_MERGING_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2, 3, 4], "lenet_recipe": "baseline",
+                    "ratios": [0.5, 0.6, 0.7, 0.8], "criteria": ["l1", "l2", "l2-GM"], "fc_threshold": 0.45,
+                    "threshold_sweep": [0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9],
                     "conv_model": "resnet20", "conv_dataset": None, "conv_ratios": [0.1, 0.3, 0.5],
                     "conv_threshold": 0.1, "lam": 0.85, "lam_sweep": [0.0, 0.5, 0.85, 1.0], "lam_sweep_ratio": 0.3,
                     "conv_eval_images": 1000, "vgg_epochs": 160, "vgg_train_images": None,
@@ -209,8 +210,10 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
         **_COMMON,
         "ratios": Param("pruning ratios of LeNet-300-100 (both hidden layers)", float, lo=0.05, hi=0.95, many=True),
         "criteria": Param("which neurons are kept", choices=("l1", "l2", "l2-GM"), many=True),
-        "fc_threshold": Param("cosine-similarity threshold of Algorithm 2 (-1: never drop)", float, lo=-1.0, hi=1.0),
-        "threshold_sweep": Param("thresholds of the sweep on LeNet-300-100", float, lo=-1.0, hi=1.0, many=True),
+        "fc_threshold": Param("cosine-similarity threshold of Algorithm 2 (0: never drop, as the reference "
+                              "reads 0)", float, lo=-1.0, hi=1.0),
+        "threshold_sweep": Param("thresholds of the sweep on LeNet-300-100 (0: never drop)", float, lo=-1.0,
+                                 hi=1.0, many=True),
         "conv_model": Param("the BN network of the convolutional case", choices=("resnet20", "vgg16")),
         "conv_dataset": Param("its data set (None: the ResNet recipe, or CIFAR-10 for VGG-16)",
                               choices=("fashion-mnist", "cifar10", "mnist"), optional=True),
@@ -227,13 +230,17 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
         "leaky_slope": Param("negative slope of the LeakyReLU twin", float, lo=0.0, hi=0.9),
     },
     {
-        "smoke": {**_MERGING_DEFAULT, "ratios": [0.5, 0.8], "criteria": ["l1", "l2-GM"],
-                  "threshold_sweep": [-1.0, 0.45, 0.9], "conv_ratios": [0.3], "lam_sweep": [0.0, 0.85],
+        "smoke": {**_MERGING_DEFAULT, "seeds": [0, 1], "ratios": [0.5, 0.8], "criteria": ["l1", "l2-GM"],
+                  "threshold_sweep": [0.0, 0.45, 0.9], "conv_ratios": [0.3], "lam_sweep": [0.0, 0.85],
                   "conv_eval_images": 200, "twin_epochs": 1, "twin_train_images": 1000},
         "default": _MERGING_DEFAULT,
-        "full": {**_MERGING_DEFAULT, "download": True, "conv_model": "vgg16", "conv_ratios": [0.3, 0.5, 0.7],
-                 "threshold_sweep": [-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
+        "full": {**_MERGING_DEFAULT, "download": True, "lenet_recipe": "paper", "conv_model": "vgg16",
+                 "conv_ratios": [0.3, 0.5, 0.7],
+                 "threshold_sweep": [0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
                  "lam_sweep": [0.0, 0.25, 0.5, 0.7, 0.85, 1.0], "lam_sweep_ratio": 0.5,
+        "lenet_recipe": Param("how each seed's LeNet-300-100 is trained: chapter 0's recipe, or the reference "
+                              "code's (SGD, lr x0.1 every 15 of 60 epochs, inputs in [-1, 1])",
+                              choices=("baseline", "paper")),
                  "conv_eval_images": None, "twin_epochs": 20, "twin_train_images": None},
     },
 )

@@ -77,6 +77,12 @@ NEURON_MERGING = {
 # layers (2,048 units) on Broden.
 DISSECTION = {
     "units": 2048, "rate": 0.2, "quantile": 0.005, "cutoff_paper": 0.05, "cutoff_code": 0.04,
+    # LeNet-300-100's training recipe: the reference repository's main.py defaults (SGD lr 0.1, momentum 0.9,
+    # batch 128, inputs normalised to [-1, 1]) and a secondary summary (weight decay 1e-4, lr x 0.1 every 15
+    # of 60 epochs). The repository ships the trained checkpoint, not the script that trained it.
+    "lenet300100_paper_recipe": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128,
+                                 "epochs": 60, "step_every": 15, "inputs": (-1.0, 1.0)},
+    "hard_coded_chains": {"lenet300100": (("fc1", "fc2"), ("fc2", "fc3"))},  # the reference's ip1->ip2, ip2->ip3
     "acc_matches_down_to": 0.168,  # share of weights remaining with accuracy equal to the dense net's
     "acc_drop_at_10pct": 0.01,  # about one point lost at 10% of the weights
     "still_interpretable_at_89": 0.80, "same_concept_at_89": 0.70,
