@@ -608,3 +608,57 @@ def _declare_decision_trees() -> None:
 
 
 _declare_decision_trees()
+
+
+# --- chapter 2 (paper 001) ---
+def _declare_dissection() -> None:
+    from . import reference
+
+    ref = reference.DISSECTION
+    where = ("02_dissecting_pruned_networks", "dis-claims")
+    paired = "interpretable units of each dense trained network minus those of its random-init null (paired by seed)"
+    declare("dis-premise-paper", *where, "Premise: dissection finds more interpretable units in a trained network "
+            "than in a randomly initialised one of the same shape, at the paper's q and cut-off",
+            "assumed (Bau et al. 2017 show it on ImageNet networks)", paired,
+            Above(0.0, "more than the null"))
+    declare("dis-premise-chosen", *where, "The same premise at the setting chosen on the tuning scenes",
+            "assumed", paired + ", on the dissection scenes (not those the setting was chosen on)",
+            Above(0.0, "more than the null"))
+    declare("dis-hypothesis-a", *where, "Hypothesis A: interpretability does not change while accuracy holds, "
+            f"down to {100 * ref['acc_matches_down_to']:.1f}% of the weights (Fig. 2)",
+            f"flat down to {100 * ref['acc_matches_down_to']:.1f}%, declining after (3 trials)",
+            f"count at the level nearest {100 * ref['acc_matches_down_to']:.1f}% of the weights over the dense "
+            "count, minus one, per trial",
+            Between(-DIS_FLAT_TOLERANCE, DIS_FLAT_TOLERANCE, f"within {DIS_FLAT_TOLERANCE:.0%} of the dense count"),
+            parts="count (interpretable units, distinct concepts)")
+    declare("dis-accuracy-flat", *where, "Accuracy matches the dense network down to "
+            f"{100 * ref['acc_matches_down_to']:.1f}% of the weights (Fig. 1)", "matches",
+            f"test accuracy at the level nearest {100 * ref['acc_matches_down_to']:.1f}% of the weights minus the "
+            "dense network's, paired by seed", Above(-DIS_ACC_TOLERANCE, "less than one point lost"))
+    declare("dis-accuracy-drop", *where, f"About one point of accuracy is lost at {100 * ref['acc_drop_at']:.0f}% "
+            "of the weights (Fig. 1)", f"-{100 * ref['acc_drop_at_10pct']:.0f} point",
+            f"test accuracy at the level nearest {100 * ref['acc_drop_at']:.0f}% of the weights minus the dense "
+            "network's, paired by seed", Between(*DIS_DROP, "a loss of 0.5 to 2 points"))
+    declare("dis-higher-first", *where, "Higher-level concepts (objects, scenes) go first under pruning (Fig. 3)",
+            "objects and scenes are the most volatile (no number)",
+            "relative loss of interpretable units with an object or scene concept minus that of units with a "
+            "colour or texture concept, dense to sparsest level, per trial", Above(0.0, "higher-level lose more"))
+    declare("dis-still", *where, "Most originally interpretable units stay interpretable at "
+            f"{100 * ref['sparsity_consistency']:.0f}% sparsity (Fig. 4, left)",
+            f"nearly {100 * ref['still_interpretable_at_89']:.0f}%",
+            "share of the dense network's interpretable units still interpretable at the level nearest "
+            f"{100 * (1 - ref['sparsity_consistency']):.0f}% of the weights",
+            Above(round(ref["still_interpretable_at_89"] - DIS_SHARE_MARGIN, 2),
+                  f"at most {DIS_SHARE_MARGIN:.2f} below the paper"))
+    declare("dis-same", *where, "Most of the units interpretable before and after keep their concept (Fig. 4, "
+            "right)", f"about {100 * ref['same_concept_at_89']:.0f}%",
+            "share of the units interpretable in both with the same best concept, at the same level",
+            Above(round(ref["same_concept_at_89"] - DIS_SHARE_MARGIN, 2),
+                  f"at most {DIS_SHARE_MARGIN:.2f} below the paper"))
+
+
+DIS_FLAT_TOLERANCE = 0.2  # claim dis-hypothesis-a: "flat" = a count within 20% of the dense one
+DIS_ACC_TOLERANCE = 0.01  # claim dis-accuracy-flat: "matches" = less than one point of accuracy lost
+DIS_DROP = (-0.02, -0.005)  # claim dis-accuracy-drop: "about one point" = a loss of 0.5 to 2 points
+DIS_SHARE_MARGIN = 0.15  # claims dis-still, dis-same: "most", within 15 points of the paper's share or above
+_declare_dissection()

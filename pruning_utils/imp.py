@@ -11,6 +11,7 @@ own and shared by every variant that starts from it (:func:`dense_cached`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -62,41 +63,55 @@ def prune_round(model: nn.Module, rate: float = 0.2, structure: str = "weights")
 
 @dataclass(frozen=True)
 class FilterGroup:
-    """Channels that are pruned together: channel j of the group is the output filter j (dim 0) of every
-    module in ``producers`` and the input channel j (dim 1) of every module in ``readers``."""
+    """Channels that are removed together (torch-pruning's coupled group, :func:`criteria.coupled_groups`):
+    channel j of the group is output filter ``idx`` (dim 0) of every ``producers`` entry (layer name and
+    its (j, idx) pairs) and input channel ``idx`` (dim 1) of every ``readers`` entry."""
 
     name: str
-    producers: tuple[str, ...]
-    readers: tuple[str, ...]
+    size: int
+    producers: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    readers: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
 
 
-def filter_groups(model: nn.Module) -> list[FilterGroup]:
-    """The prunable filter groups of a :class:`models.CifarResNet`: per block, its inner filters (conv1,
-    read by conv2); per stage, its residual stream, whose channel j every block adds to through the
-    shortcut: the filters j of the stage's first producer (the stem conv of stage 1, whose first block
-    has an identity shortcut; the projection shortcut of the others) and of every block's conv2, read by
-    the blocks' conv1, the next stage's conv1 and shortcut, or the final linear layer. Zeroing channel j
-    of a stream in all its producers makes unit j of every block output of the stage constant, which
-    zeroing conv2's filter alone does not (the shortcut still carries the input)."""
-    from .models import CifarResNet
+def filter_groups(model: nn.Module, example_input: torch.Tensor | None = None) -> list[FilterGroup]:
+    """The filter groups of ``model``, coupled through residual shortcuts and concatenations as
+    torch-pruning's DependencyGraph finds them (:func:`criteria.coupled_groups`; the output layer is
+    never a group). For a CIFAR ResNet: per block its inner filters (conv1, read by conv2), and per stage
+    its residual stream, written by the stem conv (stage 1) or the projection shortcut and by every
+    block's conv2, read by the next convs or the final linear layer. Zeroing a stream channel in all its
+    producers makes that unit of every block output constant, which zeroing conv2's filter alone does not
+    (the shortcut still carries the block's input). ``example_input`` defaults to one 32 x 32 image."""
+    import copy
 
-    if not isinstance(model, CifarResNet):
-        raise ParameterError(f"model={type(model).__name__} is not allowed; filter groups are defined for "
-                             "models.CifarResNet (residual streams coupled through the shortcuts)")
-    stages = [(name, getattr(model, name)) for name in ("layer1", "layer2", "layer3")]
-    inner = [FilterGroup(f"{s}.{b}.conv1", (f"{s}.{b}.conv1",), (f"{s}.{b}.conv2",))
-             for s, stage in stages for b in range(len(stage))]
-    streams = []
-    for i, (s, stage) in enumerate(stages):
-        first = "conv1" if isinstance(stage[0].shortcut, nn.Identity) else f"{s}.0.shortcut.conv"
-        if first == "conv1" and i > 0:
-            raise ParameterError(f"{s}.0 has an identity shortcut; expected a projection")  # pragma: no cover
-        producers = (first, *[f"{s}.{b}.conv2" for b in range(len(stage))])
-        readers = [f"{s}.{b}.conv1" for b in range(0 if first == "conv1" else 1, len(stage))]
-        readers += [f"{stages[i + 1][0]}.0.conv1", f"{stages[i + 1][0]}.0.shortcut.conv"] if i + 1 < len(stages) \
-            else ["fc"]
-        streams.append(FilterGroup(f"{s} stream", producers, tuple(readers)))
-    return streams + inner
+    import torch_pruning as tp
+
+    from . import criteria
+
+    for m in model.modules():  # a pruned weight is recomputed at every forward; a detached one copies
+        if hasattr(m, "weight_mask"):
+            m.weight = m.weight.detach()
+    plain = copy.deepcopy(model)  # the graph is traced on a copy without pruning hooks
+    for m in plain.modules():
+        if hasattr(m, "weight_mask"):
+            tprune.remove(m, "weight")
+    if example_input is None:
+        first = next((m for m in plain.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise ParameterError(f"model={type(model).__name__} has no Conv2d, so no filters to prune")
+        example_input = torch.zeros(1, first.in_channels, 32, 32)
+    names = {m: n for n, m in plain.named_modules()}
+    writes = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+    reads = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+    out = []
+    for g in criteria.coupled_groups(plain, example_input):
+        sites = {"producers": [], "readers": []}
+        for item in g.coupled:
+            kind = "producers" if item.dep.handler in writes else "readers" if item.dep.handler in reads else None
+            if kind is not None:
+                pairs = tuple(sorted((int(r), int(i)) for r, i in zip(item.root_idxs, item.idxs)))
+                sites[kind].append((names[item.dep.target.module], pairs))
+        out.append(FilterGroup(g.name, g.size, tuple(sites["producers"]), tuple(sites["readers"])))
+    return out
 
 
 def filter_share(rate: float) -> float:
@@ -106,9 +121,14 @@ def filter_share(rate: float) -> float:
 
 
 def alive_channels(model: nn.Module, group: FilterGroup) -> torch.Tensor:
-    """Boolean (channels,): the group's channels whose filters are not pruned."""
-    w = dict(model.named_modules())[group.producers[0]].weight
-    return w.detach().flatten(1).ne(0).any(1)
+    """Boolean (group size,): the group's channels whose filters are not all zero."""
+    modules = dict(model.named_modules())
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for name, pairs in group.producers:
+        nonzero = modules[name].weight.detach().flatten(1).ne(0).any(1)
+        for j, idx in pairs:
+            alive[j] |= bool(nonzero[idx])
+    return alive
 
 
 def _mask_module(module: nn.Module, mask: torch.Tensor) -> None:
@@ -121,33 +141,36 @@ def _mask_module(module: nn.Module, mask: torch.Tensor) -> None:
         tprune.custom_from_mask(module, "weight", mask)
 
 
-def prune_filters(model: nn.Module, rate: float) -> dict[str, list[int]]:
-    """One structured round in place on a CIFAR ResNet: in every :func:`filter_groups` group, remove the
+def prune_filters(model: nn.Module, rate: float, groups: list[FilterGroup] | None = None) -> dict[str, list[int]]:
+    """One structured round in place: in every :func:`filter_groups` group, remove the
     :func:`filter_share` of its remaining channels (rounded, at least one while two or more remain, never
-    the last) with the smallest L1 norm summed over the group's producer filters; zero those filters
-    and the readers' input channels from them (which would only add a constant that the next BatchNorm
-    or the linear layer's bias absorbs). Returns the channels removed per group."""
+    the last) with the smallest L1 norm summed over the group's producer filters; zero those filters and
+    the readers' input channels from them (which would only add a constant that the next BatchNorm or the
+    linear layer's bias absorbs). Returns the group channels removed, per group."""
     modules = dict(model.named_modules())
     removed = {}
-    for group in filter_groups(model):
+    for group in groups if groups is not None else filter_groups(model):
         alive = alive_channels(model, group)
         n_alive = int(alive.sum())
-        k = min(max(round(filter_share(rate) * n_alive), 1 if n_alive > 1 else 0), n_alive - 1)
-        if k == 0:
-            removed[group.name] = []
+        k = min(max(round(filter_share(rate) * n_alive), 1 if n_alive > 1 else 0), max(n_alive - 1, 0))
+        norms = torch.zeros(group.size, dtype=torch.float64)
+        for name, pairs in group.producers:
+            l1 = modules[name].weight.detach().abs().flatten(1).sum(1).double()
+            for j, idx in pairs:
+                norms[j] += l1[idx]
+        norms[~alive] = float("inf")
+        dead = set(torch.sort(norms, stable=True).indices[:k].tolist())  # ties: the lower channel first
+        removed[group.name] = sorted(dead)
+        if not dead:
             continue
-        norms = sum(modules[p].weight.detach().abs().flatten(1).sum(1) for p in group.producers)
-        norms = torch.where(alive, norms.double(), torch.full_like(norms.double(), float("inf")))
-        order = torch.sort(norms, stable=True).indices  # ties: lower channel index first
-        gone = torch.zeros_like(alive)
-        gone[order[:k]] = True
-        for p in group.producers:
-            w = modules[p].weight
-            _mask_module(modules[p], (~gone).to(w.dtype).view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone())
-        for r in group.readers:
-            w = modules[r].weight
-            _mask_module(modules[r], (~gone).to(w.dtype).view(1, -1, *[1] * (w.dim() - 2)).expand_as(w).clone())
-        removed[group.name] = sorted(order[:k].tolist())
+        for sites, dim in ((group.producers, 0), (group.readers, 1)):
+            for name, pairs in sites:
+                w = modules[name].weight
+                keep = torch.ones(w.shape[dim], dtype=w.dtype)
+                keep[[idx for j, idx in pairs if j in dead]] = 0
+                shape = [1] * w.dim()
+                shape[dim] = -1
+                _mask_module(modules[name], keep.view(shape).expand_as(w).clone())
     return removed
 
 
@@ -203,6 +226,12 @@ class IMPConfig:
     def __post_init__(self):
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("retraining", self.retraining, RETRAINING)
+        if isinstance(self.rate, bool) or not isinstance(self.rate, float) or not 0.0 < self.rate < 1.0:
+            raise ParameterError(f"rate={self.rate!r} is not allowed; expected a float in (0, 1)")
+        for name in ("rounds", "rewind_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParameterError(f"{name}={value!r} is not allowed; expected an int >= 0")
         if self.retraining == "finetune" and self.finetune is None:
             raise ParameterError("retraining='finetune' needs a finetune TrainConfig")
 
@@ -247,8 +276,12 @@ def _run(build, train, test, cfg, seed, device, progress, start):
     model.load_state_dict(start["state"])
     levels = [{"level": 0, "weights_remaining": weights_remaining(model), "test_acc": start["test_acc"],
                "state": effective_state(model)}]
+    groups = filter_groups(model) if cfg.structure == "filters" else None  # the graph is traced once
     for level in bar(range(1, cfg.rounds + 1), desc=f"IMP seed {seed}", disable=not progress, leave=False):
-        prune_round(model, cfg.rate, cfg.structure)
+        if groups is None:
+            prune_round(model, cfg.rate, cfg.structure)
+        else:
+            prune_filters(model, cfg.rate, groups)
         if cfg.retraining == "rewind":
             rewind(model, start["rewind"])
             train_mod.fit(model, train, None, cfg.train, seed=seed + level, device=device, progress=False)
@@ -340,33 +373,38 @@ def _check_workers(workers) -> None:
         raise ParameterError(f"workers={workers!r} is not allowed; expected an int >= 1")
 
 
-def _in_pool(fn, jobs: list[Job], order: list[int], args: tuple, workers: int, desc: str, progress: bool) -> dict:
-    """``fn(jobs[i], *args)`` for each i of ``order``: here (one worker, or one job) or in ``workers``
-    spawned processes, started in the given order; returns {i: result}."""
+def _in_pool(fn, jobs: list[Job], order: list[int], args: tuple, pool, desc: str, progress: bool) -> dict:
+    """``fn(jobs[i], *args)`` for each i of ``order``, started in that order: in ``pool`` (a process pool,
+    or None) when there are two or more, else here; returns {i: result}."""
     out = {}
-    pbar = bar(total=len(order), desc=f"{desc} ({min(workers, max(len(order), 1))} processes)",
-               disable=not progress or not order, leave=False)
-    if workers == 1 or len(order) < 2:
+    pbar = bar(total=len(order), desc=desc, disable=not progress or not order, leave=False)
+    if pool is None or len(order) < 2:
         for i in order:
             out[i] = fn(jobs[i], *args)
             pbar.update()
     else:
-        threads = max(_threads_of(jobs[i].cfg) for i in order)  # each run also pins its own (see run)
-        with ProcessPoolExecutor(min(workers, len(order)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=runtime.configure, initargs=(threads,)) as pool:
-            futures = {pool.submit(fn, jobs[i], *args): i for i in order}
-            for future in as_completed(futures):
-                out[futures[future]] = future.result()
-                pbar.update()
+        futures = {pool.submit(fn, jobs[i], *args): i for i in order}
+        for future in as_completed(futures):
+            out[futures[future]] = future.result()
+            pbar.update()
     pbar.close()
     return out
 
 
-def dense_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, device: str = "auto",
-               workers: int = 1, progress: bool = True, directory: Path | None = None) -> list[dict]:
-    """The :func:`dense` network of each job (jobs of one seed and training recipe share one), loaded from
-    the cache or trained here or in ``workers`` processes; in job order."""
-    _check_workers(workers)
+@contextlib.contextmanager
+def _pool(jobs: list[Job], workers: int, most: int):
+    """``workers`` spawned processes (at most ``most``, and none for one) whose threads are the jobs'
+    recipe threads (each run also pins its own, see :func:`run`); None when the work stays here."""
+    if workers == 1 or most < 2:
+        yield None
+        return
+    threads = max(_threads_of(job.cfg) for job in jobs)
+    with ProcessPoolExecutor(min(workers, most), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=runtime.configure, initargs=(threads,)) as pool:
+        yield pool
+
+
+def _missing_dense(jobs: list[Job], directory: Path | None) -> tuple[list, dict, dict]:
     paths = [_dense_path(job.cfg, job.key_extra, job.seed, directory) for job in jobs]
     found, first = {}, {}
     for i, (path, key) in enumerate(paths):
@@ -377,8 +415,18 @@ def dense_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, 
             first[path] = i
         else:
             found[path] = ckpt["dense"]
-    done = _in_pool(_dense_job, jobs, list(first.values()), (train, test, device, directory), workers,
-                    "dense networks", progress)
+    return paths, found, first
+
+
+def dense_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, device: str = "auto",
+               workers: int = 1, progress: bool = True, directory: Path | None = None, pool=None) -> list[dict]:
+    """The :func:`dense` network of each job (jobs of one seed and training recipe share one), loaded from
+    the cache or trained here or in ``workers`` processes; in job order."""
+    _check_workers(workers)
+    paths, found, first = _missing_dense(jobs, directory)
+    with contextlib.nullcontext(pool) if pool is not None else _pool(jobs, workers, len(first)) as pool:
+        done = _in_pool(_dense_job, jobs, list(first.values()), (train, test, device, directory), pool,
+                        "dense networks", progress)
     found |= {path: done[i] for path, i in first.items()}
     return [found[path] for path, _ in paths]
 
@@ -400,11 +448,12 @@ def run_many(jobs: list[Job], train: data_mod.Split, test: data_mod.Split, *, de
             todo.append(i)
         else:
             results[i] = ckpt["levels"]
-    if todo:
-        dense_many([jobs[i] for i in todo], train, test, device=device, workers=workers, progress=progress,
-                   directory=directory)
     todo.sort(key=lambda i: -_cost(jobs[i].cfg))
-    done = _in_pool(_run_job, jobs, todo, (train, test, device, directory), workers, "IMP runs", progress)
+    with _pool([jobs[i] for i in todo], workers, len(todo)) as pool:
+        if todo:
+            dense_many([jobs[i] for i in todo], train, test, device=device, workers=workers, progress=progress,
+                       directory=directory, pool=pool)
+        done = _in_pool(_run_job, jobs, todo, (train, test, device, directory), pool, "IMP runs", progress)
     for i, levels in done.items():
         results[i] = levels
     return results

@@ -245,17 +245,22 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
     },
 )
 
-_DISSECTION_DEFAULT = {**_COMMON_DEFAULT, "images": 1200, "val_images": 400,
-                       "resolution": 32, "depth": 8, "width": 8, "epochs": 14, "rewind_epochs": 1, "lr": 0.2,
-                       "batch_size": 64, "target_remaining": 0.1, "rate": 0.2, "trials": 2, "quantile": 0.005,
-                       "cutoff": 0.04, "structured": True, "finetune_epochs": 1, "workers": 2, "grid_units": 4,
-                       "resnet50": False, "broden_dir": None, "broden_images": 2000, "resnet50_rounds": 12}
+# --- chapter 2 (paper 001) ---
+_DISSECTION_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "threads": 1, "images": 1600, "val_images": 600,
+                       "tune_images": 200, "resolution": 32, "depth": 8, "width": 8, "epochs": 10,
+                       "rewind_epochs": 1, "lr": 0.1, "batch_size": 32, "target_remaining": 0.069, "rate": 0.36,
+                       "quantile": 0.005, "cutoff": 0.04, "sweep_quantiles": [0.005, 0.01, 0.02, 0.05],
+                       "sweep_cutoffs": [0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2], "structured": True,
+                       "finetune_epochs": 1, "workers": 2, "grid_units": 4, "resnet50": False, "broden_dir": None,
+                       "resnet50_weights": None, "broden_images": 2000, "resnet50_rounds": 12}
 
 CHAPTERS["dissection"] = (  # chapter 2, paper 001
     {
         **_COMMON,
         "images": Param("synthetic training scenes", int, lo=16),
-        "val_images": Param("synthetic held-out scenes (test accuracy and dissection)", int, lo=16),
+        "val_images": Param("synthetic held-out scenes (test accuracy; tuning and dissection)", int, lo=18),
+        "tune_images": Param("held-out scenes on which the decision setting is chosen (the others are dissected)",
+                             int, lo=16),
         "resolution": Param("side of the synthetic scenes in pixels", choices=(32, 48, 64)),
         "depth": Param("depth of the CIFAR ResNet", choices=(8, 14, 20)),
         "width": Param("channels of the ResNet's first stage", int, lo=4),
@@ -264,27 +269,35 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
         "lr": Param("peak learning rate (SGD, one-cycle)", float, lo=1e-5, hi=1.0),
         "batch_size": Param("training batch size", int, lo=1),
         "target_remaining": Param("prune until at most this share of weights remains", float, lo=0.001, hi=0.99),
-        "rate": Param("share of the remaining weights removed per round", float, lo=0.01, hi=0.9),
-        "trials": Param("IMP trials (seeds)", int, lo=1),
-        "quantile": Param("q of the unit threshold T_k: the share q of activations lies above T_k", float, lo=1e-4, hi=0.5),
-        "cutoff": Param("IoU above which a unit is interpretable (code 0.04, paper 0.05)", float, lo=0.0, hi=0.9),
+        "rate": Param("share of the remaining weights removed per round (the paper: 0.2)", float, lo=0.01, hi=0.9),
+        "quantile": Param("q of the unit threshold T_k (the share q of activations lies above T_k) in the "
+                          "figures that mirror the paper", float, lo=1e-4, hi=0.5),
+        "cutoff": Param("IoU above which a unit is interpretable in those figures (code 0.04, paper 0.05)", float,
+                        lo=0.0, hi=0.9),
+        "sweep_quantiles": Param("q values among which the decision setting is chosen", float, lo=1e-4, hi=0.5,
+                                 many=True),
+        "sweep_cutoffs": Param("cut-offs among which the decision setting is chosen", float, lo=0.0, hi=0.9,
+                               many=True),
         "structured": Param("also run whole-filter pruning (beyond the paper)", bool),
         "finetune_epochs": Param("epochs of standard fine-tuning per round (0: skip that variant)", int, lo=0),
-        "workers": Param("processes that run the independent IMP runs side by side (1: in the notebook's own)",
-                         int, lo=1),
+        "workers": Param("processes that run the independent IMP runs side by side (1: in the notebook's own); "
+                         "changes the time taken, never the results", int, lo=1),
         "grid_units": Param("units shown with their top-activating images", int, lo=1),
         "resnet50": Param("dissect torchvision's ResNet-50 on a real Broden folder", bool),
         "broden_dir": Param("path of a real Broden folder (broden1_224 or broden1_227)", str, optional=True),
+        "resnet50_weights": Param("a ResNet-50 state-dict file to use instead of torchvision's (None: torch's hub "
+                                  "cache)", str, optional=True),
         "broden_images": Param("Broden images dissected for ResNet-50", int, lo=10),
         "resnet50_rounds": Param("one-shot magnitude pruning levels of ResNet-50", int, lo=0),
     },
     {
-        "smoke": {**_DISSECTION_DEFAULT, "images": 192, "val_images": 96, "epochs": 1, "rewind_epochs": 1,
-                  "target_remaining": 0.7, "trials": 1, "workers": 1, "grid_units": 2},
+        "smoke": {**_DISSECTION_DEFAULT, "seeds": [0], "images": 800, "val_images": 128, "tune_images": 48,
+                  "epochs": 12, "target_remaining": 0.64, "sweep_quantiles": [0.005, 0.02],
+                  "sweep_cutoffs": [0.04, 0.08], "workers": 1, "grid_units": 2},
         "default": _DISSECTION_DEFAULT,
-        "full": {**_DISSECTION_DEFAULT, "download": True, "images": 8000, "val_images": 2000, "resolution": 48,
-                 "depth": 14, "width": 16, "epochs": 15, "rewind_epochs": 1, "lr": 0.1, "batch_size": 128,
-                 "trials": 3, "workers": 1, "resnet50": True},
+        "full": {**_DISSECTION_DEFAULT, "download": True, "threads": 2, "images": 8000, "val_images": 2000,
+                 "tune_images": 500, "resolution": 48, "depth": 14, "width": 16, "epochs": 30, "batch_size": 64,
+                 "target_remaining": 0.05, "rate": 0.2, "workers": 1, "resnet50": True},
     },
 )
 

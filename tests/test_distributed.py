@@ -41,8 +41,9 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(two_ranks):
 def test_rank_0_writes_one_cache_entry_and_the_others_load_it(two_ranks):
     ranks, cache = two_ranks
     entries = sorted(p.name for p in cache.glob("*.pt"))
-    assert len(entries) == 2, entries  # one baseline checkpoint, one IMP run: not one per rank
-    assert sum(e.startswith("imp-") for e in entries) == 1
+    # one baseline checkpoint, one IMP run and the dense network it starts from: not one per rank
+    assert len(entries) == 3, entries
+    assert sum(e.startswith("imp-dense-") for e in entries) == 1 and sum(e.startswith("imp-") for e in entries) == 2
     assert list(cache.glob("*.tmp")) == []
     assert ranks[0]["baseline_hash"] == ranks[1]["baseline_hash"]
     assert ranks[0]["imp_hash"] == ranks[1]["imp_hash"]
