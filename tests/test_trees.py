@@ -248,3 +248,44 @@ def test_fig4_rule_weighs_every_layer(gaps, verdict):
     assert decision_trees._fig4_claim(_study_with_gaps({k: 2 * v for k, v in gaps.items()}), "xgboost",
                                       "").verdict is verdict
     assert decision_trees._fig4_claim(_study_with_gaps({"conv3": 0.4}), "cart", "").verdict is Verdict.UNTESTABLE
+
+
+def test_a_run_on_one_layer_without_pruning_or_fine_tuning_says_what_it_cannot_test(monkeypatch):
+    monkeypatch.setattr(baselines, "get", _fake_baseline)
+    P = _params(["conv3"])
+    P.seeds, P.finetune_epochs, P.cnn_fractions, P.random_rankings = [0], 0, [0.0], 1
+    study = decision_trees.tree_study(P)
+    aggs = decision_trees.aggregation_study(P, study)
+    cnn = decision_trees.cnn_pruning(P, study)
+    results = {r.claim.key: r for r in decision_trees.claim_results(P, study, aggs, cnn)}
+    for key in ("dt-depth", "dt-fig4-xgboost", "dt-aggregation", "dt-cnn-random", "dt-cnn-l1"):
+        assert results[key].verdict is Verdict.UNTESTABLE and results[key].note, key
+    assert results["dt-kept-cart"].verdict is not Verdict.UNTESTABLE
+    assert results["dt-lenet5"].estimate.method == "paired over test images"  # one seed: over its images
+    numbers = {**study.numbers(), **aggs.numbers(), **cnn.numbers(),
+               **decision_trees.sentences(list(results.values()))}
+    assert np.isnan([numbers["xgb_conv1"], numbers["agg_topk_conv2"], numbers["cnn_L1_conv3_ft"]]).all()
+    assert "one measured here" in numbers["table1_sentence"]
+    assert aggs.table().empty and not cnn.finetuned
+    for make in (study.table1, study.gaps_table, study.figure_gain, study.figure_pruning, study.figure_maps,
+                 cnn.table, cnn.cost_table, cnn.figure):
+        make()
+    assert study.histogram("conv2")[2] == 16  # a layer the run did not score is scored for Fig. 2
+
+
+def test_the_table1_sentence_follows_the_verdicts():
+    E = claims.Estimate
+    near, far, wide = E(0.0, -0.01, 0.01, 3), E(0.2, 0.1, 0.3, 3), E(0.0, -0.1, 0.1, 3)
+
+    def sentence(xgb, cart):
+        return decision_trees.sentences([claims.decide("dt-table1-xgboost", xgb),
+                                         claims.decide("dt-table1-cart", cart)])["table1_sentence"]
+
+    layers = ("conv1", "conv2", "conv3")
+    text = sentence(dict(zip(layers, (near, far, wide))), dict.fromkeys(layers, far))
+    assert text.startswith("One XGBoost round is within 0.05 of the paper at conv1, more than 0.05 away at conv2, "
+                           "undecided at conv3; one CART tree is more than 0.05 away at conv1, conv2, conv3.")
+    assert text.endswith("No reading reproduces all three of the paper's single-tree numbers.")
+    assert sentence(dict.fromkeys(layers, near), dict.fromkeys(layers, far)).endswith(
+        "One XGBoost round reproduces all three of the paper's single-tree numbers.")
+    assert sentence(dict.fromkeys(layers, wide), dict.fromkeys(layers, far)).endswith("this run cannot tell.")
