@@ -662,3 +662,52 @@ DIS_ACC_TOLERANCE = 0.01  # claim dis-accuracy-flat: "matches" = less than one p
 DIS_DROP = (-0.02, -0.005)  # claim dis-accuracy-drop: "about one point" = a loss of 0.5 to 2 points
 DIS_SHARE_MARGIN = 0.15  # claims dis-still, dis-same: "most", within 15 points of the paper's share or above
 _declare_dissection()
+
+
+# --- chapter 3 (paper 002) ---
+def _declare_class_filters() -> None:
+    from . import reference
+
+    ref = reference.CLASS_FILTERS
+    r3, r5 = ref["A_d_k2_3"] / ref["A_f"][0], ref["A_d_k5"] / ref["A_f"][1]
+    where = ("03_class_specific_filters", "cf-claims")
+    declare("cf-1a", *where, "With k1 = k2 = 3 the decomposed layer keeps most of the accuracy (Sec. 5.2.1)",
+            f"84.16 of 91.17 (r_A {r3:.3f})", "r_A = A_d / A_f at k1 = k2 = 3",
+            Above(round(r3 - CF_R_A_TOLERANCE, 3), f"{CF_R_A_TOLERANCE} below the paper's r_A"))
+    declare("cf-1b", *where, "With k1 = k2 = 5 the decomposed layer keeps most of the accuracy (Sec. 5.2.3)",
+            f"88.59 of 91.71 (r_A {r5:.3f})", "r_A = A_d / A_f at the chapter's k1, k2",
+            Above(round(r5 - CF_R_A_TOLERANCE, 3), f"{CF_R_A_TOLERANCE} below the paper's r_A"))
+    declare("cf-2a", *where, "For a given k1 the best k2 is k2 = k1 (Fig. 1)", "always (Fig. 1)",
+            "r_A at k2 = k1 minus r_A at the better of the neighbouring k2 of the grid (on both sides, below d)",
+            Above(0.0, "k2 = k1 is better"), parts="k1 of the grid")
+    declare("cf-2b", *where, "A large k1 hurts at equal k2 (Fig. 1)", "yes (Fig. 1)",
+            "r_A at k1 = k2 minus r_A at the largest k1 of the grid below d, at the chapter's k2",
+            Above(0.0, "the large k1 is worse"))
+    declare("cf-3", *where, "One epoch of retraining with the decomposed layer in place recovers the original "
+            "accuracy (Sec. 5.2.3)", "88.59 -> 91.51 against A_f 91.71 (-0.0020)",
+            "accuracy after one epoch of whole-network retraining (the public code's recipe) minus A_f",
+            Above(-CF_RECOVERY_TOLERANCE, f"within {CF_RECOVERY_TOLERANCE} of A_f"))
+    declare("cf-4", *where, "k1 = 5 features cover 90% of the feature mass on CIFAR-10 (Sec. 4.4)",
+            f"{ref['k1_mass90']} of {ref['d']}",
+            "the smallest k whose top-k features hold the chapter's share (0.9) of an image's l1 norm, on average",
+            Below(ref["k1_mass90"] + 0.5, f"at most the paper's {ref['k1_mass90']}"))
+    declare("cf-5", *where, "The final layer's cost falls from d x n to k2 x n multiply-adds (Sec. 5.2.3)",
+            "64 x 10 = 640 -> 5 x 10 = 50", "multiply-adds per image of the decomposed layer divided by k2 x n",
+            Between(1.0, 1.0, "exactly k2 x n"))
+    declare("cf-6", *where, "r_A grows with depth within a family of networks (Sec. 5.2.2, Tables 2-6)",
+            "ResNet-50/101/152: 0.869 / 0.897 / 0.900 (ImageNet, k1 = k2 = 50)",
+            "least-squares slope of r_A against depth (per 10 layers) over every network of the depth study",
+            Above(0.0, "r_A grows"))
+    declare("cf-7", *where, "Choosing S_y by the weights |W[y, j]| is worse than by the features "
+            "(Algorithm 1) (Sec. 4.1, 4.3)", "yes (no number given)",
+            "r_A of Algorithm 1 (k1 = k2) minus r_A of the k2 largest |W[y, j]|, paired on the test images",
+            Above(0.0, "Algorithm 1 is better"), parts="k2 of the grid below d")
+    declare("cf-csg", *where, "Class-specific gates (CSG) keep the standard output's accuracy, and the "
+            "unsupervised Algorithm 1 does as well or better (Sec. 5.1, Table 1)",
+            "ResNet-20, CIFAR-10: CSG 0.8809, standard 0.8809", "accuracy through CSG against the standard "
+            "output and against Algorithm 1", Above(0.0))
+
+
+CF_R_A_TOLERANCE = 0.03  # claims cf-1a/1b: "keeps most of the accuracy" = r_A at most 0.03 below the paper's
+CF_RECOVERY_TOLERANCE = 0.005  # claim cf-3: "very close to the original accuracy" (the paper: 0.002 short)
+_declare_class_filters()

@@ -91,48 +91,65 @@ CHAPTERS["decision_trees"] = (  # chapter 1, paper 000
 )
 
 
-_CLASS_FILTERS_DEFAULT = {**_COMMON_DEFAULT, "dataset": None,
+# --- chapter 3 (paper 002) ---
+_WIDTH = 64  # d: the final layer's width in every ResNet of the chapter (4 x 16 channels)
+_K_GRID = [1, 2, 3, 5, 8, 10, 16, 32, 64]
+_CLASS_FILTERS_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "network_seed": 0, "dataset": None,
                           "max_images": 10000, "max_test_images": None, "k1": 5, "k2": 5,
-                          "k1_values": [1, 2, 3, 5, 8, 10, 16, 32, 64], "k2_values": [1, 2, 3, 5, 8, 10, 16, 32, 64],
-                          "mass": 0.9, "random_seeds": 5, "retrain_epochs": 5, "retrain_lr": 1e-4,
-                          "retrain_batch_size": 128, "depths": [8, 14, 20, 32], "depth_train_images": 12000,
-                          "depth_epochs": 2, "depth_feature_images": 4000, "depth_test_images": 5000}
+                          "k1_values": _K_GRID, "k2_values": _K_GRID, "mass": 0.9, "random_seeds": 5,
+                          "bootstrap": 1000, "retrain_epochs": 1, "retrain_lr": 1e-4, "retrain_batch_size": 64,
+                          "retrain_augment": True, "retrain_control": True, "depths": [8, 14, 20, 32],
+                          "depth_seeds": [0, 1], "depth_train_images": 6000, "depth_epochs": 2,
+                          "depth_batch_size": 64, "depth_feature_images": 3000, "depth_test_images": 3000}
 
 CHAPTERS["class_filters"] = (  # chapter 3, paper 002
     {
         **_COMMON,
+        "network_seed": Param("seed of chapter 0's ResNet that is decomposed (one network: the seeds vary the "
+                              "images drawn, the retraining and the random sets)", int, lo=0, hi=MAX_SEED),
         "dataset": Param("data set of the ResNets", choices=("fashion-mnist", "cifar10"), optional=True),
-        "max_images": Param("training images featurised for Algorithm 1 and retraining (None: all)", int, lo=100,
-                            optional=True),
+        "max_images": Param("training images per seed for Algorithm 1 and the retraining (None: all)", int,
+                            lo=100, optional=True),
         "max_test_images": Param("test images on which accuracies are measured (None: all)", int, lo=100,
                                  optional=True),
-        "k1": Param("top features per instance in Algorithm 1", int, lo=1),
-        "k2": Param("features kept per class (size of S_y)", int, lo=1),
-        "k1_values": Param("k1 values of the r_A grid (Fig. 1)", int, lo=1, many=True),
-        "k2_values": Param("k2 values of the r_A grid (Fig. 1)", int, lo=1, many=True),
+        "k1": Param("top features per instance in Algorithm 1", int, lo=1, hi=_WIDTH),
+        "k2": Param("features kept per class (size of S_y)", int, lo=1, hi=_WIDTH),
+        "k1_values": Param("k1 values of the r_A grid (Fig. 1)", int, lo=1, hi=_WIDTH, many=True),
+        "k2_values": Param("k2 values of the r_A grid (Fig. 1), k2 > k1 included", int, lo=1, hi=_WIDTH,
+                           many=True),
         "mass": Param("share of the feature mass that the variant k1 covers", float, lo=0.01, hi=1.0),
-        "random_seeds": Param("seeds of the random S_y baseline", int, lo=1),
-        "retrain_epochs": Param("epochs of retraining the decomposed layer (the paper: 1)", int, lo=1),
-        "retrain_lr": Param("Adam learning rate of the retraining", float, lo=1e-7, hi=1.0),
-        "retrain_batch_size": Param("batch size of the retraining", int, lo=1),
+        "random_seeds": Param("random S_y drawn per seed and k2 (the null)", int, lo=1),
+        "bootstrap": Param("bootstrap replicates over seeds and test images behind each interval", int, lo=100),
+        "retrain_epochs": Param("passes over the max_images training images when retraining (the paper: 1)",
+                                int, lo=1),
+        "retrain_lr": Param("Adam learning rate of the retraining (the paper: 1e-4)", float, lo=1e-7, hi=1.0),
+        "retrain_batch_size": Param("batch size of the retraining (the public code: 64)", int, lo=1),
+        "retrain_augment": Param("random shifts and flips in whole-network retraining (the public code: yes)",
+                                 bool),
+        "retrain_control": Param("also retrain the network with its full final layer, on the first seed (a "
+                                 "control)", bool),
         "depths": Param("ResNet depths of the depth study", choices=(8, 14, 20, 32, 56), many=True),
+        "depth_seeds": Param("training seeds of each depth-study ResNet", int, lo=0, hi=MAX_SEED, many=True),
         "depth_train_images": Param("training images of each depth-study ResNet (None: all)", int, lo=100,
                                     optional=True),
         "depth_epochs": Param("training epochs of each depth-study ResNet (None: the recipe)", int, lo=1,
                               optional=True),
+        "depth_batch_size": Param("batch size of the depth-study ResNets (learning rate scaled with it)", int,
+                                  lo=8),
         "depth_feature_images": Param("training images featurised per depth (None: all)", int, lo=100,
                                       optional=True),
         "depth_test_images": Param("test images per depth (None: all)", int, lo=100, optional=True),
     },
     {
-        "smoke": {**_CLASS_FILTERS_DEFAULT, "max_images": 1000, "max_test_images": 1000,
-                  "k1_values": [1, 3, 5, 16, 64], "k2_values": [1, 3, 5, 16, 64], "random_seeds": 2,
-                  "retrain_epochs": 2, "depths": [8, 20], "depth_train_images": 512, "depth_epochs": 1,
+        "smoke": {**_CLASS_FILTERS_DEFAULT, "seeds": [0, 1], "max_images": 1000, "max_test_images": 1000,
+                  "k1_values": [1, 3, 5, 8, 64], "k2_values": [1, 3, 5, 8, 64], "random_seeds": 2,
+                  "bootstrap": 200, "depths": [8, 20], "depth_seeds": [0], "depth_train_images": 2048,
                   "depth_feature_images": 500, "depth_test_images": 500},
         "default": _CLASS_FILTERS_DEFAULT,
         "full": {**_CLASS_FILTERS_DEFAULT, "download": True, "dataset": "cifar10", "max_images": None,
-                 "depths": [8, 14, 20, 32, 56], "depth_train_images": None, "depth_epochs": None,
-                 "depth_feature_images": None, "depth_test_images": None},
+                 "depths": [8, 14, 20, 32, 56], "depth_seeds": [0, 1, 2], "depth_train_images": None,
+                 "depth_epochs": None, "depth_batch_size": 128, "depth_feature_images": None,
+                 "depth_test_images": None},
     },
 )
 
