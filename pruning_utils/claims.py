@@ -711,3 +711,43 @@ def _declare_class_filters() -> None:
 CF_R_A_TOLERANCE = 0.03  # claims cf-1a/1b: "keeps most of the accuracy" = r_A at most 0.03 below the paper's
 CF_RECOVERY_TOLERANCE = 0.005  # claim cf-3: "very close to the original accuracy" (the paper: 0.002 short)
 _declare_class_filters()
+
+
+# --- chapter 6 (the criteria compared) ---
+CMP_MAGNITUDE_MARGIN = 0.01  # "magnitude is a strong baseline": L1 no more than one point below the best
+CMP_SECTION = ("06_comparing_criteria", "cmp-claims")
+
+
+def _declare_comparison() -> None:
+    from . import reference
+
+    lit = reference.COMPARISON
+    merge = reference.NEURON_MERGING["lenet300100_l1"][lit["merging"]["ratio"]]
+    declare("cmp-finetune-shrinks", *CMP_SECTION, "After fine-tuning, the differences between criteria shrink",
+            f"{lit['liu2019']['paper']}: {lit['liu2019']['finetune']}",
+            "standard deviation across criteria of their accuracy after the largest fine-tuning budget minus "
+            "without fine-tuning, per seed", Below(0.0, "the spread shrinks"),
+            parts="whole-network setting, target and allocation")
+    declare("cmp-magnitude-strong", *CMP_SECTION, "Magnitude (L1) is a strong baseline: no criterion beats it by "
+            "more than a point", f"{lit['blalock2020']['paper']}: {lit['blalock2020']['magnitude']}",
+            "accuracy of L1 minus that of the best other criterion of the cell, paired over seeds and test images",
+            Above(-CMP_MAGNITUDE_MARGIN, f"at most {CMP_MAGNITUDE_MARGIN} below the best"),
+            parts="whole-network setting, target, allocation and fine-tuning budget")
+    declare("cmp-beats-random", *CMP_SECTION, "Every criterion beats random at the largest target without "
+            "fine-tuning", f"{lit['blalock2020']['paper']}: {lit['blalock2020']['random']}",
+            "accuracy of the criterion minus that of random (same seeds, same test images)",
+            Above(0.0, "better than random"), parts="criterion and setting (whole networks with uniform allocation; "
+            "the ResNet-8's dissected block)")
+    declare("cmp-merge-helps", *CMP_SECTION, "Pruning + merging beats pruning alone without fine-tuning",
+            f"{lit['merging']['paper']}: {merge['merge']:.4f} vs {merge['prune']:.4f} at ratio "
+            f"{lit['merging']['ratio']}", "accuracy after prune + merge minus after pruning alone, no "
+            "fine-tuning, averaged over criteria, paired over seeds and test images", Above(0.0, "merge is better"),
+            parts="setting where a layer merges, target and allocation")
+    declare("cmp-merge-most-without-ft", *CMP_SECTION, "Merging helps most without fine-tuning",
+            "paper 003's claim: merging compensates for pruning without fine-tuning",
+            "gain of merging without fine-tuning minus its gain after the largest budget, averaged over criteria, "
+            "paired over seeds and test images", Above(0.0, "the gain is larger without fine-tuning"),
+            parts="setting where a layer merges, target and allocation")
+
+
+_declare_comparison()

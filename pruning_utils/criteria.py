@@ -13,7 +13,7 @@ so that higher is more important). ``iou`` ranks units by how interpretable netw
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +57,13 @@ class Criterion:
     def score_group(self, model: nn.Module, group: "Group", data: Data | None = None) -> np.ndarray:
         """Scores of the channels of a coupled group (whole-network pruning); by default, those of the one
         site ``group.target``. Criteria that see every coupled layer override it (see the end of the module)."""
+        if type(self).score_groups is not Criterion.score_groups:
+            return self.score_groups(model, [group], data)[group.name]
         return self(model, group.target, data)
+
+    def score_groups(self, model: nn.Module, groups: Sequence["Group"], data: Data | None = None) -> dict:
+        """Scores of several groups by name; criteria that read activations do them in one pass."""
+        return {g.name: self.score_group(model, g, data) for g in groups}
 
     def __call__(self, model: nn.Module, target: Target, data: Data | None = None) -> np.ndarray:
         if self.needs_data and data is None:
@@ -191,8 +197,8 @@ class MeanActivation(Criterion):
         m = _maps(model, target, data)
         return m.flatten(2).mean((0, 2)).numpy() if m.ndim > 2 else m.mean(0).numpy()
 
-    def score_group(self, model, group, data=None):
-        return consumer_statistics(model, group, data, "mean")
+    def score_groups(self, model, groups, data=None):
+        return dict(zip([g.name for g in groups], consumer_statistics(model, groups, data, "mean")))
 
 
 @register("apoz")
@@ -206,8 +212,8 @@ class APoZ(Criterion):
         zero = (m <= 0).float()
         return 1.0 - (zero.flatten(2).mean((0, 2)) if m.ndim > 2 else zero.mean(0)).numpy()
 
-    def score_group(self, model, group, data=None):
-        return consumer_statistics(model, group, data, "on")
+    def score_groups(self, model, groups, data=None):
+        return dict(zip([g.name for g in groups], consumer_statistics(model, groups, data, "on")))
 
 
 @register("taylor")
@@ -223,8 +229,8 @@ class Taylor(Criterion):
             raise ParameterError(f"criterion 'taylor' needs the activation after {target.conv!r}: Target(act=...)")
         return taylor(model, [target.act], data.x, data.y)[target.act][0]
 
-    def score_group(self, model, group, data=None):
-        return consumer_taylor(model, group, data)
+    def score_groups(self, model, groups, data=None):
+        return dict(zip([g.name for g in groups], consumer_taylor(model, groups, data)))
 
 
 @register("iou")
@@ -286,6 +292,23 @@ def score_group(name: str, model: nn.Module, group: Group, data: Data | None = N
     return scores
 
 
+def score_groups(name: str, model: nn.Module, groups: Sequence[Group], data: Data | None = None,
+                 **kwargs) -> dict[str, np.ndarray]:
+    """Scores of criterion ``name`` for several coupled groups at once (one pass over the images for the
+    criteria that read activations), by group name."""
+    crit = make(name, **kwargs)
+    if crit.needs_data and data is None:
+        raise ParameterError(f"criterion {name!r} scores filters on data; pass data=Data(x, y)")
+    out = crit.score_groups(model, groups, data)
+    for g in groups:
+        s = np.asarray(out[g.name], dtype=float)
+        if s.shape != (g.size,) or not np.isfinite(s).all():
+            raise ValueError(f"criterion {name!r} gave {s.shape} scores (finite: {bool(np.isfinite(s).all())}) "
+                             f"for the {g.size} channels of group {g.name!r}")
+        out[g.name] = s
+    return out
+
+
 def _tp_scores(importance, group: Group, what: str) -> np.ndarray:
     out = importance(group.coupled)
     if out is None:
@@ -307,33 +330,30 @@ def _consumers(group: Group) -> list[tuple[nn.Module, list[int], list[int]]]:
     return out
 
 
-def _per_channel(values: torch.Tensor, idxs: list[int], roots: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    total = torch.zeros(n, dtype=torch.float64)
-    count = torch.zeros(n, dtype=torch.float64)
-    r = torch.as_tensor(roots)
-    total.index_add_(0, r, values[idxs].double())
-    count.index_add_(0, r, torch.ones(len(roots), dtype=torch.float64))
-    return total, count
+def _readers(groups: Sequence[Group]) -> list[tuple[int, nn.Module, list[int], list[int]]]:
+    """(group position, reading layer, its input indices, the group channel of each) over ``groups``."""
+    return [(i, m, idxs, roots) for i, g in enumerate(groups) for m, idxs, roots in _consumers(g)]
 
 
-def consumer_statistics(model: nn.Module, group: Group, data: Data, stat: str,
-                        batch_size: int = 256) -> np.ndarray:
-    """Per group channel: the mean (``stat='mean'``) or the share of positive values (``'on'``) of the
-    inputs of the layers that read the group, over images and positions, averaged over those layers."""
-    readers = _consumers(group)
-    sums = [torch.zeros(m.weight.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1), dtype=torch.float64)
-            for m, _, _ in readers]
-    counts = [0] * len(readers)
+def consumer_statistics(model: nn.Module, groups: Sequence[Group], data: Data, stat: str,
+                        batch_size: int = 256) -> list[np.ndarray]:
+    """Per group, per channel: the mean (``stat='mean'``) or the share of positive values (``'on'``) of the
+    inputs of the layers that read the group, over images and positions, averaged over those layers.
+    One pass over the images serves every group."""
+    readers = _readers(groups)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
 
-    def hook(i):
+    def hook(k):
         def pre(_m, inp):
             a = inp[0].detach()
             v = (a > 0).double() if stat == "on" else a.double()
-            sums[i].add_(v.transpose(0, 1).reshape(v.shape[1], -1).sum(1))
-            counts[i] += a[:, 0].numel()
+            part = v.transpose(0, 1).reshape(v.shape[1], -1).sum(1)
+            sums[k] = sums[k] + part if k in sums else part
+            counts[k] = counts.get(k, 0) + a[:, 0].numel()
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, (m, _, _) in enumerate(readers)]
+    handles = [m.register_forward_pre_hook(hook(k)) for k, (_, m, _, _) in enumerate(readers)]
     try:
         with torch.no_grad():
             model.eval()
@@ -342,30 +362,32 @@ def consumer_statistics(model: nn.Module, group: Group, data: Data, stat: str,
     finally:
         for h in handles:
             h.remove()
-    total = torch.zeros(group.size, dtype=torch.float64)
-    count = torch.zeros(group.size, dtype=torch.float64)
-    for (_, idxs, roots), s, c in zip(readers, sums, counts):
-        t, k = _per_channel(s / c, idxs, roots, group.size)
-        total, count = total + t, count + k
-    return (total / count.clamp_min(1)).numpy()
+    total = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+    count = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+    for k, (i, _, idxs, roots) in enumerate(readers):
+        r = torch.as_tensor(roots)
+        total[i].index_add_(0, r, (sums[k] / counts[k])[idxs])
+        count[i].index_add_(0, r, torch.ones(len(roots), dtype=torch.float64))
+    return [(t / c.clamp_min(1)).numpy() for t, c in zip(total, count)]
 
 
-def consumer_taylor(model: nn.Module, group: Group, data: Data, batch_size: int = 128) -> np.ndarray:
-    """First-order Taylor estimate of the loss change when a group channel is removed, where the group's
-    readers take it in: per image |sum over readers and positions of a * dL/da|, averaged over images."""
-    readers = _consumers(group)
+def consumer_taylor(model: nn.Module, groups: Sequence[Group], data: Data, batch_size: int = 128) -> list[np.ndarray]:
+    """Per group, the first-order Taylor estimate of the loss change when a channel is removed, where the
+    group's readers take it in: per image |sum over readers and positions of a * dL/da|, averaged over
+    images. One forward and backward pass per batch serves every group."""
+    readers = _readers(groups)
     store: dict[int, torch.Tensor] = {}
 
-    def hook(i):
+    def hook(k):
         def pre(_m, inp):
             a = inp[0]
             if a.requires_grad:
                 a.retain_grad()
-            store[i] = a
+            store[k] = a
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, (m, _, _) in enumerate(readers)]
-    score = torch.zeros(group.size, dtype=torch.float64)
+    handles = [m.register_forward_pre_hook(hook(k)) for k, (_, m, _, _) in enumerate(readers)]
+    score = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
     try:
         model.eval()
         with torch.enable_grad():
@@ -374,17 +396,18 @@ def consumer_taylor(model: nn.Module, group: Group, data: Data, batch_size: int 
                 out = model(x)
                 model.zero_grad(set_to_none=True)
                 F.cross_entropy(out, data.y[s:s + batch_size], reduction="sum").backward()
-                per_image = torch.zeros(len(x), group.size, dtype=torch.float64)
-                for i, (_, idxs, roots) in enumerate(readers):
-                    ag = (store[i] * store[i].grad).detach().double()
+                per_image = [torch.zeros(len(x), g.size, dtype=torch.float64) for g in groups]
+                for k, (i, _, idxs, roots) in enumerate(readers):
+                    ag = (store[k] * store[k].grad).detach().double()
                     ag = ag.flatten(2).sum(2) if ag.ndim > 2 else ag
-                    per_image.index_add_(1, torch.as_tensor(roots), ag[:, idxs])
-                score += per_image.abs().sum(0)
+                    per_image[i].index_add_(1, torch.as_tensor(roots), ag[:, idxs])
+                for i, p in enumerate(per_image):
+                    score[i] += p.abs().sum(0)
     finally:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
-    return (score / len(data.x)).numpy()
+    return [(v / len(data.x)).numpy() for v in score]
 
 
 def _magnitude(group: Group, p: int) -> np.ndarray:

@@ -319,10 +319,80 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
 )
 
 
+# --- chapter 6 (the criteria compared) ---
+_COMPARISON_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "mean_activation", "apoz", "random", "gain", "class_usage",
+                        "causal", "iou")
+_COMPARISON_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "networks": ["lenet5", "resnet20", "resnet8"],
+                       "criteria": list(_COMPARISON_CRITERIA), "lenet_layers": ["conv1", "conv2", "conv3"],
+                       "resnet20_criteria": ["l1", "l2", "bn_scale", "taylor", "mean_activation", "apoz", "random",
+                                             "class_usage"],
+                       "layer_fractions": [0.5], "speedups": [2.0, 4.0], "allocations": ["uniform", "global"],
+                       "finetune_steps": [0, 20], "finetune_batch": 32, "finetune_lr": 0.01, "score_images": 256,
+                       "causal_images": 32, "eval_images": 500, "merge": ["lenet5"], "merge_threshold": 0.45, "merge_bn_threshold": 0.1,
+                       "merge_lam": 0.85, "block": None, "iou_quantile": 0.005, "latency_repeats": 10,
+                       "scene_images": 1200, "scene_val_images": 400, "scene_width": 8, "scene_epochs": 30,
+                       "scene_lr": 0.1}
+
+CHAPTERS["comparison"] = (  # chapter 6: the papers' criteria and the standard ones under one protocol
+    {
+        **_COMMON,
+        "networks": Param("networks compared: LeNet5 (per layer and whole), ResNet-20 (whole), chapter 2's "
+                          "ResNet-8 (its dissected block)", choices=("lenet5", "resnet20", "resnet8"), many=True),
+        "criteria": Param("criteria compared (random, the null, must be one)", choices=_COMPARISON_CRITERIA,
+                          many=True),
+        "resnet20_criteria": Param("of those, the criteria compared on ResNet-20 (gain and causal score each of "
+                                   "its 12 groups with their own passes: minutes)", choices=_COMPARISON_CRITERIA,
+                                   many=True),
+        "lenet_layers": Param("LeNet5 layers pruned one at a time", choices=("conv1", "conv2", "conv3"), many=True),
+        "layer_fractions": Param("fractions of a layer's filters removed (per-layer settings)", float, lo=0.05,
+                                 hi=0.95, many=True),
+        "speedups": Param("whole-network targets: times fewer conv and linear MACs", float, lo=1.01, hi=50.0,
+                          many=True),
+        "allocations": Param("how a MACs target is shared among layers", choices=("uniform", "global"), many=True),
+        "finetune_steps": Param("fine-tuning budgets in SGD steps, the same for every criterion (0: none)", int,
+                                lo=0, many=True),
+        "finetune_batch": Param("images per fine-tuning step", int, lo=1),
+        "finetune_lr": Param("fine-tuning learning rate (SGD, constant)", float, lo=1e-6, hi=1.0),
+        "score_images": Param("training images that score the filters, drawn per seed", int, lo=10),
+        "causal_images": Param("of those, the images the interventional criterion scores on (its cost grows "
+                               "as channels x images; None: all)", int, lo=2, optional=True),
+        "eval_images": Param("fixed test images of every pruned ResNet-20 (None: all; LeNet5 and the ResNet-8 "
+                             "use all of theirs)", int, lo=100, optional=True),
+        "merge": Param("networks where prune + merge (chapter 4) also runs, where a layer allows it (None: "
+                       "none)", choices=("lenet5", "resnet20"), many=True, optional=True),
+        "merge_threshold": Param("merging's similarity threshold without BatchNorm (Algorithm 2)", float, lo=0.0,
+                                 hi=1.0),
+        "merge_bn_threshold": Param("merging's similarity threshold with BatchNorm (Algorithm 3)", float, lo=0.0,
+                                    hi=1.0),
+        "merge_lam": Param("lambda of Algorithm 3", float, lo=0.0, hi=1.0),
+        "block": Param("round kept widths to a multiple of this (None: no rounding)", int, lo=1, optional=True),
+        "iou_quantile": Param("q of the interpretability criterion's unit threshold", float, lo=1e-4, hi=0.5),
+        "latency_repeats": Param("timed forward passes per latency (median)", int, lo=1),
+        "scene_images": Param("synthetic training scenes of chapter 2's ResNet-8", int, lo=16),
+        "scene_val_images": Param("synthetic held-out scenes (its test images)", int, lo=16),
+        "scene_width": Param("channels of the ResNet-8's first stage", int, lo=4),
+        "scene_epochs": Param("training epochs of the ResNet-8", int, lo=1),
+        "scene_lr": Param("peak learning rate of the ResNet-8 (SGD, one-cycle)", float, lo=1e-5, hi=1.0),
+    },
+    {
+        "smoke": {**_COMPARISON_DEFAULT, "seeds": [0, 1], "lenet_layers": ["conv2"], "speedups": [2.0],
+                  "resnet20_criteria": ["l1", "bn_scale", "taylor", "random"],
+                  "finetune_steps": [0, 5], "score_images": 64, "causal_images": 16, "eval_images": 300,
+                  "latency_repeats": 2},  # the ResNet-8 as at default size: fewer scenes do not train it
+        "default": _COMPARISON_DEFAULT,
+        "full": {**_COMPARISON_DEFAULT, "download": True, "seeds": [0, 1, 2, 3, 4], "speedups": [2.0, 3.0, 4.0],
+                 "layer_fractions": [0.25, 0.5, 0.75], "finetune_steps": [0, 20, 200], "score_images": 1024,
+                 "causal_images": None, "resnet20_criteria": list(_COMPARISON_CRITERIA),
+                 "eval_images": None, "merge": ["lenet5", "resnet20"], "latency_repeats": 30},
+    },
+)
+
+
 # The notebook of each chapter (notebooks/<stem>.ipynb) and its key in CHAPTERS.
 NOTEBOOKS = {"00_baselines": "baselines", "01_decision_tree_pruning": "decision_trees",
              "02_dissecting_pruned_networks": "dissection", "03_class_specific_filters": "class_filters",
-             "04_neuron_merging": "neuron_merging", "05_causal_pruning": "causal_pruning"}
+             "04_neuron_merging": "neuron_merging", "05_causal_pruning": "causal_pruning",
+             "06_comparing_criteria": "comparison"}
 SIZES = ("smoke", "default", "full")
 # Names a notebook may hold when it calls start(): IPython's own and those its cells import.
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open", "display"}

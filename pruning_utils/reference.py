@@ -92,3 +92,15 @@ DISSECTION = {
     "still_interpretable_at_89": 0.80, "same_concept_at_89": 0.70,
     "source": "paper 001, Sec. 1 (pruning methodology), Sec. 2 (Figs. 1-4)",
 }
+
+# Chapter 6: what the literature on comparing pruning methods says, as the claims of the comparison state it.
+COMPARISON = {
+    "blalock2020": {"paper": "Blalock et al. 2020 (ShrinkBench), Sec. 4-5",
+                    "magnitude": "magnitude pruning is a strong baseline that many methods fail to beat",
+                    "random": "a method should beat random pruning of the same architecture"},
+    "liu2019": {"paper": "Liu et al. 2019, Sec. 4-5",
+                "finetune": "with enough fine-tuning (or training from scratch) the pruned architecture matters "
+                            "more than which channels were kept: criteria differ less"},
+    "merging": {"paper": "Kim et al. 2020, Table 1 (LeNet-300-100, no fine-tuning)", "ratio": 0.8,
+                "source": "reference.NEURON_MERGING"},
+}

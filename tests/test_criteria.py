@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_utils import criteria, models, runtime
+from pruning_utils import causal, class_filters, criteria, models, runtime, trees  # noqa: F401 (registering)
 from pruning_utils.broden import ConceptSet
 from pruning_utils.params import ParameterError
 
@@ -61,7 +61,8 @@ def nets():
 
 def test_every_criterion_is_covered_by_these_tests():
     """A criterion registered later must pass the same checks: each one needs data or not, and a name."""
-    assert {"l1", "l2", "random", "bn_scale", "mean_activation", "apoz", "taylor", "iou"} <= set(criteria.REGISTRY)
+    assert {"l1", "l2", "random", "bn_scale", "mean_activation", "apoz", "taylor", "iou", "gain", "causal",
+            "class_usage"} <= set(criteria.REGISTRY)
     for name, cls in criteria.REGISTRY.items():
         assert cls.name == name and isinstance(cls.needs_data, bool)
 
@@ -222,3 +223,13 @@ def test_data_driven_criteria_need_data_and_bad_names_are_named(nets):
         criteria.make("l3")
     with pytest.raises(ValueError, match="NaN"):
         criteria.ranking(np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("name", sorted(criteria.REGISTRY))
+def test_scoring_groups_together_equals_one_at_a_time(name, nets):
+    model, groups = nets["resnet"], nets["groups"]["resnet"]
+    x = torch.rand(12, 1, SIDE["resnet"], SIDE["resnet"], generator=torch.Generator().manual_seed(4))
+    data = _data(x, torch.arange(12) % 10)
+    together = criteria.score_groups(name, model, groups, data)
+    for g in groups:
+        np.testing.assert_allclose(together[g.name], criteria.score_group(name, model, g, data), rtol=1e-6)
