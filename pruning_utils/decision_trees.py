@@ -332,6 +332,15 @@ class TreeStudy:
                        **{r: round(self.single(name, r).mean, 3) for r in trees.READINGS}} for name in self.layers}
 
 
+def _by_layer(table: pd.DataFrame) -> pd.DataFrame:
+    """A (layer, target fraction) table in network order, the fractions written short (0.25, not 0.250000)."""
+    order = [n for n in LAYERS if n in table.index.get_level_values(0)]
+    table = table.reindex(order, level=0)
+    table.index = pd.MultiIndex.from_tuples([(layer, f"{f:g}") for layer, f in table.index],
+                                            names=["layer", "target fraction"])
+    return table
+
+
 def _unmeasured(prefixes, suffixes=("",)) -> dict:
     """NaN for every per-layer number of the prose, so that a run on fewer layers still glues each name."""
     return {f"{p}{name}{s}": float("nan") for p in prefixes for name in LAYERS for s in suffixes}
@@ -480,28 +489,26 @@ class CNNPruning:
         return per_seed.groupby(["layer", "target_fraction", "criterion"]).mean()
 
     def table(self):
-        """Accuracy by criterion (mean over seeds) per layer and target fraction, with the realised
-        fraction k/n that each target removes."""
+        """Accuracy by criterion (mean over seeds) per layer and target fraction, straight after pruning and
+        after fine-tuning, with the share of the layer's filters k/n that each target really removes."""
         s = self.summary()
         wide = s.unstack("criterion")
-        names = {"accuracy": "pruned", "accuracy_finetuned": "fine-tuned"}
-        wide.columns = [f"{c} ({names[a]})" for a, c in wide.columns]
+        phase = {"accuracy": "straight after pruning", "accuracy_finetuned": "after fine-tuning"}
+        wide = wide[[(a, c) for a in phase if a in s for c in CNN_STYLE]]
+        wide.columns = pd.MultiIndex.from_tuples([(phase[a], c) for a, c in wide.columns])
         real = self.rows.groupby(["layer", "target_fraction"])["fraction"].first()
-        wide.insert(0, "removed k/n", real.reindex(wide.index))
-        order = [n for n in LAYERS if n in wide.index.get_level_values(0)]
-        wide = wide.reindex(order, level=0).rename_axis(["layer", "target fraction"])
-        return wide.style.format("{:.3f}")
+        wide.insert(0, ("removed", "k/n"), real.reindex(wide.index))
+        return _by_layer(wide).style.format("{:.3f}")
 
     def cost_table(self):
         """Parameters and multiply-accumulates per image of the pruned LeNet5 (the same for every
         criterion), as shares of the unpruned network's."""
         first = self.rows[(self.rows.net_seed == self.rows.net_seed.min()) & (self.rows.criterion == "gain")]
         t = first.set_index(["layer", "target_fraction"])[["removed", "params", "macs"]].copy()
-        t["params (share)"] = t["params"] / self.base_cost[1]
-        t["MACs (share)"] = t["macs"] / self.base_cost[0]
-        t = t.reindex([n for n in LAYERS if n in t.index.get_level_values(0)], level=0)
-        return t.rename_axis(["layer", "target fraction"]).style.format(
-            {"params (share)": "{:.3f}", "MACs (share)": "{:.3f}", "params": "{:,}", "macs": "{:,}"})
+        t["parameters (share)"] = t.pop("params") / self.base_cost[1]
+        t["MACs (share)"] = t.pop("macs") / self.base_cost[0]
+        t = t.rename(columns={"removed": "filters removed"})
+        return _by_layer(t).style.format({"parameters (share)": "{:.3f}", "MACs (share)": "{:.3f}"})
 
     def figure(self):
         """Accuracy against the target fraction removed, a column per layer; top row straight after
@@ -581,8 +588,8 @@ def claim_results(P, study: TreeStudy, aggs: Aggregations, cnn: CNNPruning) -> l
 
     ref = reference.DECISION_TREES
     layers = study.layers
-    seeds = (f"over {len(study.runs)} LeNet5 seeds (each: its own training run, MNIST-5k split, trees and "
-             "fine-tuning)" if len(study.runs) > 1 else "one LeNet5 seed: the interval covers the test images only")
+    seeds = (f"{len(study.runs)} LeNet5 seeds" if len(study.runs) > 1
+             else "one LeNet5 seed: the interval covers its test images only")
     data_note = f"our LeNet5 trains on {study.runs[0].baseline.record['n_train']:,} digits, the paper's on 60,000"
     out = [claims.decide("dt-lenet5", study.cnn_accuracy(), f"{seeds}; {data_note}", fmt=".4f")]
 
@@ -710,3 +717,10 @@ def sentences(results) -> dict[str, str]:
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
+
+def parts_table(results) -> pd.DataFrame:
+    """One row per part of each claim made of parts (a layer, a reading, fine-tuning or not): our estimate
+    and the part's own verdict, which the claims table folds into one."""
+    rows = [{"claim": r.claim.key, "part": name, "ours": e.text(r.fmt), "verdict": r.part_verdicts[name].value}
+            for r in results for name, e in r.parts.items()]
+    return pd.DataFrame(rows, columns=["claim", "part", "ours", "verdict"]).set_index(["claim", "part"])

@@ -174,6 +174,8 @@ def test_pipeline_gives_every_claim_of_the_chapter_once(pipeline):
         assert r.verdict in Verdict
         for est in r.parts.values():
             assert est.n == 2  # two seeds
+    parts = decision_trees.parts_table(results)
+    assert len(parts) == sum(len(r.parts) for r in results) and set(parts.verdict) <= {v.value for v in Verdict}
     cnn = next(r for r in results if r.claim.key == "dt-cnn-random")
     assert set(cnn.parts) == {f"{layer}, {ft}" for layer in ("conv1", "conv2", "conv3")
                               for ft in ("no fine-tuning", "fine-tuned")}  # no layer silently dropped
