@@ -62,10 +62,9 @@ CHAPTERS["decision_trees"] = (  # chapter 1, paper 000
         "layers": Param("LeNet5 conv layers whose filters are scored", choices=_LENET5_LAYERS, many=True),
         "aggregation": Param("how a map becomes one score (the paper: mean)", choices=("mean", "max", "topk")),
         "topk": Param("k of the top-k mean", int, lo=1),
-        "tree_depth": Param("depth of every tree; None: the paper's rule round(log2 n), n the features a tree "
-                            "is trained on", int, lo=1, optional=True),
-        "pruned_depth": Param("with tree_depth None, the depth of a tree refitted on the features left: the "
-                              "rule on those, or the unpruned tree's depth", choices=("rule", "unpruned")),
+        "tree_depth": Param("depth of every tree (None: round(log2 n) of its n features)", int, lo=1,
+                            optional=True),
+        "pruned_depth": Param("depth of a tree refitted on fewer features", choices=("rule", "unpruned")),
         "n_estimators": Param("boosting rounds of the XGBoost model (the paper: 500)", int, lo=1),
         "pruning_steps": Param("evenly spaced points on each pruning curve", int, lo=2),
         "histogram_layer": Param("layer of the class histograms (Fig. 2)", choices=_LENET5_LAYERS),
@@ -161,7 +160,7 @@ _CAUSAL_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "threads": 1,
                    "lenet_layers": ["conv1", "conv2", "conv3"], "interventions": ["zero", "mean"],
                    "images": 1000, "bootstrap": 1000, "dowhy_layer": "conv2", "refute_simulations": 5,
                    "resnet_blocks": list(_RESNET_BLOCKS), "rank_outcomes": list(_CAUSAL_OUTCOMES),
-                   "resnet_images": 32, "resnet_val_images": 500, "resnet_fraction": 0.5,
+                   "resnet_images": 32, "resnet_val_images": 500, "resnet_fraction": 0.25,
                    "finetune_epochs": 1, "resnet_finetune_images": 256, "resnet_eval_images": 2000,
                    "lenet_finetune_images": 1000, "light_fraction": 0.1,
                    "latency_macs_kept": [0.25, 0.5], "latency_block": 8, "latency_repeats": 20}
@@ -225,6 +224,9 @@ _MERGING_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2, 3, 4], "lenet_recipe":
 CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its reproducibility report)
     {
         **_COMMON,
+        "lenet_recipe": Param("how each seed's LeNet-300-100 is trained: chapter 0's recipe, or the reference "
+                              "code's (SGD, lr x0.1 every 15 of 60 epochs, inputs in [-1, 1])",
+                              choices=("baseline", "paper")),
         "ratios": Param("pruning ratios of LeNet-300-100 (both hidden layers)", float, lo=0.05, hi=0.95, many=True),
         "criteria": Param("which neurons are kept", choices=("l1", "l2", "l2-GM"), many=True),
         "fc_threshold": Param("cosine-similarity threshold of Algorithm 2 (0: never drop, as the reference "
@@ -255,16 +257,13 @@ CHAPTERS["neuron_merging"] = (  # chapter 4, paper 003 (Kim et al. 2020 and its 
                  "conv_ratios": [0.3, 0.5, 0.7],
                  "threshold_sweep": [0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9],
                  "lam_sweep": [0.0, 0.25, 0.5, 0.7, 0.85, 1.0], "lam_sweep_ratio": 0.5,
-        "lenet_recipe": Param("how each seed's LeNet-300-100 is trained: chapter 0's recipe, or the reference "
-                              "code's (SGD, lr x0.1 every 15 of 60 epochs, inputs in [-1, 1])",
-                              choices=("baseline", "paper")),
                  "conv_eval_images": None, "twin_epochs": 20, "twin_train_images": None},
     },
 )
 
 # --- chapter 2 (paper 001) ---
 _DISSECTION_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "threads": 1, "images": 1600, "val_images": 600,
-                       "tune_images": 200, "resolution": 32, "depth": 8, "width": 8, "epochs": 10,
+                       "tune_images": 200, "resolution": 32, "depth": 8, "width": 8, "epochs": 8,
                        "rewind_epochs": 1, "lr": 0.1, "batch_size": 32, "target_remaining": 0.069, "rate": 0.36,
                        "quantile": 0.005, "cutoff": 0.04, "sweep_quantiles": [0.005, 0.01, 0.02, 0.05],
                        "sweep_cutoffs": [0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2], "structured": True,
@@ -317,7 +316,6 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
                  "target_remaining": 0.05, "rate": 0.2, "workers": 1, "resnet50": True},
     },
 )
-
 
 # --- chapter 6 (the criteria compared) ---
 _COMPARISON_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "mean_activation", "apoz", "random", "gain", "class_usage",
@@ -449,26 +447,19 @@ def _short(value) -> str:
 
 def parameters_cell(chapter: str, width: int = 100) -> str:
     """The text of the notebook's ``parameters`` cell, generated from CHAPTERS so that each parameter is
-    declared once: a line per parameter with its rule and its preset per run size (``None`` takes the
-    preset). ``python -m pruning_utils.presets`` writes these cells into the notebooks."""
+    declared once: one line per parameter, ``name = None  # what it is; what it allows; preset X`` (the
+    default size's value; ``None`` takes the run size's preset), shortened to fit ``width`` columns by
+    dropping the allowed values, then the preset. ``python -m pruning_utils.presets`` writes the cells.
+    A cell holds at most 25 lines (24 parameters) of at most 100 columns (tests/test_presets.py)."""
     spec, sizes = CHAPTERS[chapter]
     lines = [f'size = "default"  # run size: {" | ".join(map(repr, SIZES))}']
     for name, rule in spec.items():
-        default = sizes["default"][name]
-        others = [f"{sz}: {_short(sizes[sz][name])}" for sz in SIZES
-                  if sz != "default" and sizes[sz][name] != default]
-        comment = f"{rule.doc}; {rule.allowed()}. Preset {_short(default)}"
-        comment += f" ({'; '.join(others)})" if others else ""
-        comment = comment.replace(" = ", "=")  # papermill cannot parse a comment holding " = "
         head = f"{name} = None  # "
-        words, line, out = comment.split(" "), head, []
-        for w in words:
-            if len(line) + len(w) + 1 > width and line.strip() not in ("#", head.strip()):
-                out.append(line.rstrip())
-                line = "#   "
-            line += w + " "
-        out.append(line.rstrip())
-        lines += out
+        options = [f"{rule.doc}; {rule.allowed()}; preset {_short(sizes['default'][name])}",
+                   f"{rule.doc}; preset {_short(sizes['default'][name])}", rule.doc]
+        options = [o.replace(" = ", "=") for o in options]  # papermill cannot parse a comment holding " = "
+        # A doc too long even alone stays whole: tests/test_presets.py then asks for a shorter one.
+        lines.append(next((head + o for o in options if len(head + o) <= width), head + options[-1]))
     return "\n".join(lines) + "\n"
 
 

@@ -75,3 +75,15 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def channels_last_safe(model: torch.nn.Module) -> bool:
+    """Whether training ``model`` in channels_last memory is safe with this torch: oneDNN's backward pass of
+    a 1x1 stride-2 convolution in channels_last with fewer than 8 input channels hangs or corrupts the heap
+    (torch 2.14 on this CPU; e.g. a ResNet-8 of width 4, or a ResNet whose stream was pruned to 4
+    channels). Such a model trains in the contiguous layout instead; the forward pass is not affected."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 \
+                and m.in_channels < 8:
+            return False
+    return True

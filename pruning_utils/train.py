@@ -338,7 +338,8 @@ def fit(model: nn.Module, train: data_mod.Split, test: data_mod.Split | None, cf
 def _fit(model, train, test, cfg, seed, device, progress, desc):
     device = get_device(device) if isinstance(device, str) else device
     gen = seed_everything(seed)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    channels_last = cfg.channels_last and runtime.channels_last_safe(model)  # see channels_last_safe
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     net = distributed.wrap(model, device)  # the model itself in one process
     world = distributed.world_size()

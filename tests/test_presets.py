@@ -19,8 +19,10 @@ def test_parameters_cell_is_the_generated_one(stem, chapter):
         "run `python -m pruning_utils.presets` after editing presets.py"
     names = [line.split(" = ")[0] for line in "".join(cell["source"]).splitlines() if " = None" in line]
     assert names == list(presets.CHAPTERS[chapter][0])  # the same names, in the same order
-    for line in "".join(cell["source"]).splitlines():
-        assert len(line) <= 100
+    lines = "".join(cell["source"]).splitlines()
+    assert len(lines) <= 25, f"{len(lines) - 1} parameters: a chapter declares at most 24"
+    too_long = [line for line in lines if len(line) > 100]
+    assert not too_long, f"shorten these parameters' docs in presets.py: {too_long}"
 
 
 def test_every_chapter_notebook_is_known():
@@ -31,7 +33,8 @@ def test_every_chapter_notebook_is_known():
 def test_generated_cell_states_each_preset():
     text = presets.parameters_cell("baselines")
     assert text.startswith('size = "default"  # run size: ')
-    assert "seeds = None  # " in text and "Preset [0]" in text and "(full: True)" in text
+    assert "seeds = None  # " in text and "; preset [0]" in text
+    assert "resnet_depth = None  # depth of the CIFAR ResNet; one of 8, 14, 20, 32, 56, or None; preset None" in text
 
 
 def _namespace(**values):

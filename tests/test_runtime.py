@@ -1,6 +1,7 @@
 """Same parameters, same numbers: results depend on the thread count a recipe fixes, never on how many
 cores the process may use, nor on how many worker processes share the work."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ small, probe = x.subset(96, 0), x.x[:32]
 cases = {  # name: (model kwargs, threads, channels_last)
     "lenet5": (("lenet5", {}), 1, False),
     "lenet300100": (("lenet300100", {"in_features": 1024}), 2, False),
-    "resnet": (("resnet", {"depth": 8, "in_channels": 1, "width": 4}), 2, True),
+    "resnet": (("resnet", {"depth": 8, "in_channels": 1, "width": 8}), 2, True),
     "vgg": (("vgg", {"depth": 11, "in_channels": 1}), 2, False),
 }
 out = {}
@@ -41,7 +42,10 @@ def _train_in(tmp_path, cpus):
     cmd = [sys.executable, "-c", SCRIPT]
     if cpus is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", cpus, *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # Two threads on one core: idle OpenMP threads must sleep, not spin, or every barrier waits out a time
+    # slice (this changes the time taken, never a result).
+    env = {**os.environ, **runtime.fixed_env(), "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -102,3 +106,21 @@ def test_seed_and_threads_are_checked():
     with runtime.threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_channels_last_training_avoids_the_onednn_hang():
+    """A ResNet-8 of width 4 has a 1x1 stride-2 shortcut with 4 input channels, whose channels_last backward
+    pass hangs in oneDNN; fit must notice and train it in the contiguous layout (in a subprocess, so a
+    hang fails the test instead of stalling it)."""
+    from pruning_utils import models
+
+    assert not runtime.channels_last_safe(models.build("resnet", depth=8, in_channels=1, width=4))
+    assert runtime.channels_last_safe(models.build("resnet", depth=8, in_channels=1, width=8))
+    code = ("import torch\nfrom pruning_utils import data, models, train\n"
+            "from pruning_utils.train import TrainConfig\n"
+            "net = models.build('resnet', depth=8, in_channels=1, width=4)\n"
+            "split = data.load('mnist5k', 'train', pad=2).subset(64, 0)\n"
+            "h = train.fit(net, split, None, TrainConfig(epochs=1, batch_size=32, channels_last=True),"
+            " device='cpu', progress=False)\nprint(len(h['loss']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-500:]
