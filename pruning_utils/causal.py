@@ -330,14 +330,24 @@ def taylor(model: nn.Module, layers: Sequence[str], x: torch.Tensor, y: torch.Te
 # Observational estimates with DoWhy
 
 
+def _causal_model():
+    """DoWhy's CausalModel, imported without the ``sympy.init_printing()`` that dowhy runs on import: in a
+    notebook it would render every later number as a LaTeX image (and glued numbers as figures)."""
+    from unittest import mock
+
+    with mock.patch("sympy.init_printing", lambda *args, **kwargs: None):
+        from dowhy import CausalModel
+    return CausalModel
+
+
 def backdoor_estimate(frame: pd.DataFrame, treatment: str, outcome: str, common_causes: Sequence[str],
                       refuters: Sequence[str] = (), simulations: int = 10, seed: int = 0,
                       level: float = 0.95) -> dict:
     """DoWhy's back-door linear-regression estimate of the effect of ``treatment`` on ``outcome`` given the
     graph W -> T, W -> Y, T -> Y (W: ``common_causes``), its interval, and each refuter's new effect and p."""
     import networkx as nx
-    from dowhy import CausalModel
 
+    CausalModel = _causal_model()
     for r in refuters:
         check_choice("refuter", r, REFUTERS)
     if frame[treatment].std() == 0:  # a dead filter: no variation, nothing to estimate from
@@ -1060,8 +1070,8 @@ class LatencyStudy:
         for b, marker in ((64, "o"), (1, "s")):
             ax2.plot(t["MAC reduction"], t[f"latency reduction b{b}"], marker, label=f"batch {b}")
         for name, row in t.iterrows():
-            ax2.annotate(name.split(",")[0][:22], (row["MAC reduction"], row["latency reduction b64"]),
-                         fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax2.annotate(_short(name), (row["MAC reduction"], row["latency reduction b64"]),
+                         fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax2.plot([0, 1], [0, 1], "k--", linewidth=0.7, label="latency follows MACs")
         ax2.plot([0, 1], [0, 0.8], ":", color="tab:red", linewidth=0.9, label="0.8 x the MAC reduction")
         ax2.set(xlabel="MAC reduction (share of the unpruned MACs)",
@@ -1073,18 +1083,29 @@ class LatencyStudy:
     def numbers(self) -> dict:
         t = self.costs.table
         f = t.loc[self.final]
+        ms = self.scan["ms"]
         out = {"lat_final": self.final, "lat_mac_red": float(f["MAC reduction"]),
                "lat_b64_red": float(f["latency reduction b64"]), "lat_b1_red": float(f["latency reduction b1"]),
                "lat_ratio_b64": float(f["latency drop / MAC drop b64"]),
                "lat_ratio_b1": float(f["latency drop / MAC drop b1"]),
                "lat_plain_ratio_b64": float(self.plain.table.loc[self.final, "latency drop / MAC drop b64"]),
                "lat_block": self.block if self.block else "none", "lat_threads": self.threads,
-               "lat_repeats": len(next(iter(self.costs.timings[64].seconds.values())))}
+               "lat_repeats": len(next(iter(self.costs.timings[64].seconds.values()))),
+               "lat_cpu": torch.backends.cpu.get_cpu_capability(), "scan_what": self.scan.attrs.get("what", ""),
+               **{f"scan_{w}": float(ms.get(w, math.nan)) for w in (12, 16, 20, 24)}}
         inner = [i for i in t.index if i.startswith("inner")]
         if inner:
             out |= {"lat_inner_mac": float(t.loc[inner[0], "MAC reduction"]),
                     "lat_inner_ratio": float(t.loc[inner[0], "latency drop / MAC drop b64"])}
         return out
+
+
+def _short(label: str) -> str:
+    """A figure label for a latency network: '4x', '4x, block 8', 'inner'."""
+    if label.startswith("inner"):
+        return "inner convs"
+    parts = label.split(", ")
+    return parts[1].split(" ")[0] + (f", block {parts[2].rsplit(' ', 1)[-1]}" if len(parts) > 2 else "")
 
 
 def latency_study(study: Study) -> LatencyStudy:

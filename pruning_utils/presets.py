@@ -178,8 +178,8 @@ CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
         "refute_simulations": Param("simulations of each DoWhy refuter", int, lo=2),
         "resnet_blocks": Param("ResNet-20 blocks whose inner conv (conv1) is ranked and pruned",
                                choices=_RESNET_BLOCKS, many=True),
-        "rank_outcomes": Param("outcomes whose interventional effect may rank filters; the one that prunes "
-                               "best on held-out images is chosen, per seed", choices=_CAUSAL_OUTCOMES, many=True),
+        "rank_outcomes": Param("candidate outcomes; held-out images choose one per seed",
+                               choices=_CAUSAL_OUTCOMES, many=True),
         "resnet_images": Param("ResNet-20 training images that rank filters, per seed", int, lo=8),
         "resnet_val_images": Param("held-out ResNet-20 training images that choose the outcome, per seed", int,
                                    lo=50),
@@ -193,8 +193,8 @@ CHAPTERS["causal_pruning"] = (  # chapter 5, paper 004
                                        lo=32),
         "light_fraction": Param("share of every LeNet5 layer removed in the regularisation claim", float,
                                 lo=0.01, hi=0.5),
-        "latency_macs_kept": Param("shares of ResNet-20's MACs that whole-network pruning keeps in the latency "
-                                   "study (0.25: 4x fewer)", float, lo=0.05, hi=0.95, many=True),
+        "latency_macs_kept": Param("share of ResNet-20's MACs kept (0.25: 4x fewer), latency study",
+                                   float, lo=0.05, hi=0.95, many=True),
         "latency_block": Param("kept widths rounded to multiples of this channel block (None: no rounding)",
                                int, lo=1, hi=64, optional=True),
         "latency_repeats": Param("timed rounds per latency (median)", int, lo=3),

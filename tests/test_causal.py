@@ -8,6 +8,7 @@ from torch import nn
 
 from pruning_utils import causal, claims, criteria, models, prune
 from pruning_utils.params import ParameterError
+from test_latency import _randomise_batchnorm  # tests/ is on the path (pytest rootdir)
 
 
 def tiny_net(head: list[list[float]], bias: list[float]) -> nn.Sequential:
@@ -166,17 +167,6 @@ def test_bad_arguments():
         criteria.score("causal", net, criteria.Target("convnet.c1"), criteria.Data(x, y))
 
 
-def _randomise_batchnorm(net, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
-    return net.eval()
-
-
 def test_group_effects_equal_the_effect_of_removing_the_channel():
     """The interventional score of a coupled group (a residual stream too) is the measured change of the
     outcome when that channel is physically removed from every layer of the group."""
@@ -290,3 +280,16 @@ def test_too_many_images_for_the_training_split_is_a_clear_error(monkeypatch):
     P = SimpleNamespace(resnet_images=40000, resnet_val_images=20000, resnet_finetune_images=10000)
     with pytest.raises(ParameterError, match="resnet_images \\+ resnet_val_images \\+ resnet_finetune_images"):
         causal.setup(P)
+
+
+def test_dowhy_leaves_a_notebooks_number_formatting_alone():
+    """dowhy runs sympy's init_printing on import, which in a Jupyter kernel turns every later number into a
+    LaTeX image (glued numbers then read as figures); the chapter imports it without that call."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sympy\ncalls = []\nsympy.init_printing = lambda *a, **k: calls.append(1)\n"
+            "from pruning_utils import causal\ncausal._causal_model()\nprint(len(calls))\n"
+            "import dowhy.causal_model\nimportlib.reload(dowhy.causal_model)\nprint(len(calls))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["0", "1"]  # not called through the chapter; called by a plain import
