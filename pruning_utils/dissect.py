@@ -246,6 +246,9 @@ def top_images_grid(images: torch.Tensor, features: torch.Tensor, thresholds: to
 # ----------------------------------------------------------------------------------- chapter 2: the study
 
 TRAIN_THREADS = 1  # threads of every IMP training run: part of each run's cache key (see runtime.py)
+REWIND_EPOCHS = 1  # epochs of training before the rewind point W_rewind (open_lth rewinds to an early step)
+GRID_UNITS = 4  # units shown with their top-activating scenes
+BRODEN_IMAGES = 2000  # images of a real Broden folder dissected for ResNet-50
 MAIN = "weights, rewind"  # the paper's pruning: single weights, lottery-ticket rewinding
 FILTERS, FINETUNE = "filters, rewind", "weights, fine-tune"  # the paper's future work
 VARIANTS = (MAIN, FILTERS, FINETUNE)
@@ -330,7 +333,7 @@ def imp_configs(P) -> dict[str, "imp.IMPConfig"]:
     recipe = train.TrainConfig(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr, channels_last=True,
                                threads=TRAIN_THREADS)
     base = imp.IMPConfig(rounds=imp.rounds_to_reach(P.target_remaining, P.rate), train=recipe,
-                         rewind_epochs=P.rewind_epochs, rate=P.rate)
+                         rewind_epochs=REWIND_EPOCHS, rate=P.rate)
     out = {MAIN: base}
     if P.structured:
         out[FILTERS] = replace(base, structure="filters")
@@ -500,6 +503,7 @@ class Dissected:
     settings: dict[str, tuple[float, float]]
     categories: tuple[str, ...]
     n_units: int
+    map_side: int
     curves: pd.DataFrame
     tables: dict
     coverage: dict[str, np.ndarray]
@@ -562,8 +566,9 @@ def dissect_all(pruning: Pruning, sc: Scenes, settings: dict[str, tuple[float, f
                     rows.append(row)
     coverage = {name: np.concatenate([memo[(t, 0)][TRAINED][q].coverage for t in range(len(pruning.seeds))])
                 for name, (q, _) in settings.items()}
-    n_units = int(next(iter(tables.values())).shape[0])
-    return Dissected(dict(settings), cats, n_units, pd.DataFrame(rows), tables, coverage, sc.concepts)
+    first = network_features(pruning.build, pruning.dense[0]["state"], pruning.layer, sc.concepts.images[:1], device)
+    return Dissected(dict(settings), cats, int(first.shape[1]), int(first.shape[-1]), pd.DataFrame(rows), tables,
+                     coverage, sc.concepts)
 
 
 # ------------------------------------------------------------------------------------ measures and claims
@@ -760,7 +765,8 @@ def consistency_figure(dis: Dissected, setting: str = CHOSEN) -> Figure:
     return fig
 
 
-def unit_grid(pruning: Pruning, dis: Dissected, setting: str = PAPER, units: int = 4, trial: int = 0) -> Figure:
+def unit_grid(pruning: Pruning, dis: Dissected, setting: str = PAPER, units: int = GRID_UNITS,
+              trial: int = 0) -> Figure:
     """The ``units`` units of a trial's dense network with the highest IoU at ``setting``, with their
     top-activating dissection scenes (:func:`top_images_grid`)."""
     q, _ = dis.settings[setting]
@@ -825,9 +831,10 @@ def numbers(sc: Scenes, pruning: Pruning, choice: SettingChoice, dis: Dissected)
     main = pruning.frame().query("variant == @MAIN")
     levels = main.groupby("level")["weights_remaining"].mean()
     out |= {"layer": pruning.layer, "n_units": dis.n_units, "n_trials": len(pruning.seeds),
+            "rewind_epochs": pruning.configs[MAIN].rewind_epochs,
             "rounds": int(levels.index.max()), "rate_pct": f"{100 * pruning.configs[MAIN].rate:g}",
             "levels_pct": ", ".join(f"{100 * w:.1f}" for w in levels),
-            "dense_acc_min": min(acc), "dense_acc_max": max(acc),
+            "dense_acc_min": min(acc), "dense_acc_max": max(acc), "map_side": int(dis.map_side),
             "dense_accs": ", ".join(f"{a:.3f}" for a in acc)}
     for name in dis.settings:
         tr, nu = _at(dis.of(name), 0, "units"), _at(dis.of(name, NULL), 0, "units")
@@ -839,8 +846,14 @@ def numbers(sc: Scenes, pruning: Pruning, choice: SettingChoice, dis: Dissected)
         out[f"{name}_q_pct"] = f"{100 * dis.settings[name][0]:g}"
         out[f"{name}_passable"] = ", ".join(can.index[can["can pass"]]) or "none"
         out[f"{name}_blocked"] = ", ".join(can.index[~can["can pass"]]) or "none"
+    frame, null = dis.of(CHOSEN), dis.of(CHOSEN, NULL)
+    last = int(frame["level"].max())
+    at_last = null[null["level"] == last]
+    cats = {c: float(at_last[f"units/{c}"].mean()) for c in dis.categories}
+    out |= {"null_dense": float(_at(null, 0, "units").mean()), "null_sparse": float(_at(null, last, "units").mean()),
+            "trained_sparse": float(_at(frame, last, "units").mean()), "sparsest_pct": 100 * float(levels.loc[last]),
+            "null_sparse_category": max(cats, key=cats.get)}
     share = 1 - ref["sparsity_consistency"]
-    frame = dis.of(CHOSEN)
     level = nearest_level(frame, share)
     out |= {"consistency_pct": 100 * float(levels.loc[level]),
             "still_mean": float(_at(frame, level, "still interpretable").mean()),
@@ -859,28 +872,26 @@ def resnet50_inputs(P) -> tuple[broden.BrodenData, nn.Module]:
     or ``P.resnet50_weights``), checked before any work is done."""
     from . import models
 
-    if P.broden_dir is None:
-        raise broden.BrodenUnavailable("resnet50=True needs broden_dir, the path of a Broden folder "
-                                       "(broden1_224 or broden1_227, from NetDissect's script/dlbroden.sh)")
     data = broden.load(P.broden_dir)
     return data, models.imagenet_resnet50(P.download, P.resnet50_weights)
 
 
 def resnet50_levels(model: nn.Module, data: broden.BrodenData, P) -> pd.DataFrame:
-    """Dissect the last block of an ImageNet ResNet-50 on ``P.broden_images`` images of a real Broden folder
-    at the paper's setting (``P.quantile``, ``P.cutoff``), unpruned and after each of ``P.resnet50_rounds``
-    rounds of one-shot global magnitude pruning at the paper's 20% (no retraining, which ImageNet puts out
-    of reach here): one row per level with :func:`summary`'s counts."""
+    """Dissect the last block of an ImageNet ResNet-50 on :data:`BRODEN_IMAGES` images of a real Broden
+    folder at the paper's setting (``P.quantile``, ``P.cutoff``), unpruned and after each round of one-shot
+    global magnitude pruning at the paper's 20% down to ``P.target_remaining`` (no retraining, which
+    ImageNet puts out of reach here): one row per level with :func:`summary`'s counts."""
     from . import imp, reference
 
-    cs = broden.concept_set(data, limit=P.broden_images, image_size=224)
+    rate = float(reference.DISSECTION["rate"])
+    cs = broden.concept_set(data, limit=BRODEN_IMAGES, image_size=224)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     cs = replace(cs, images=(cs.images - mean) / std)
     layer = last_block(model)
     rows = []
-    for level in range(P.resnet50_rounds + 1):
+    for level in range(imp.rounds_to_reach(P.target_remaining, rate) + 1):
         if level:
-            imp.prune_round(model, float(reference.DISSECTION["rate"]))
+            imp.prune_round(model, rate)
         feats = layer_features(model.eval(), layer, cs.images, batch_size=64, device=P.device)
         table = units_table(dissect(feats, cs, P.quantile), P.cutoff)
         rows.append({"level": level, "weights_remaining": imp.weights_remaining(model),

@@ -85,7 +85,7 @@ def test_bad_parameter_stops_the_chapter_with_a_clear_error(tmp_path):
 
 
 def test_chapter_2_full_path_dissects_resnet50_on_a_broden_folder(tmp_path, monkeypatch):
-    """The `full` branch (torchvision's ResNet-50 on a real Broden folder) on a Broden-format fixture:
+    """The full-size branch (torchvision's ResNet-50 on a real Broden folder) on a Broden-format fixture:
     our generated scenes, and random ResNet-50 weights in a file of our own (``resnet50_weights``)."""
     import torch
     import torchvision
@@ -95,21 +95,20 @@ def test_chapter_2_full_path_dissects_resnet50_on_a_broden_folder(tmp_path, monk
     chapter = next(p for p in CHAPTERS if p.stem.startswith("02_"))
     folder = broden.generate(tmp_path / "broden", 0, 12, size=48, seed=0)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(pm.PapermillExecutionError, match="resnet50=True needs broden_dir"):
-        run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True})
+    with pytest.raises(pm.PapermillExecutionError, match="broden_dir=.*is not a folder"):
+        run_chapter(chapter, tmp_path / "out", "smoke", extra={"broden_dir": str(tmp_path / "nowhere")})
     with pytest.raises(pm.PapermillExecutionError, match="download=False and the ResNet-50 weights are not at"):
-        run_chapter(chapter, tmp_path / "out", "smoke", extra={"resnet50": True, "broden_dir": str(folder)})
+        run_chapter(chapter, tmp_path / "out", "smoke", extra={"broden_dir": str(folder)})
     weights = tmp_path / "resnet50-random.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
-    run_chapter(chapter, tmp_path / "out", "smoke",
-                extra={"resnet50": True, "broden_dir": str(folder), "resnet50_weights": str(weights),
-                       "broden_images": 12, "resnet50_rounds": 1})
+    run_chapter(chapter, tmp_path / "out", "smoke", extra={"broden_dir": str(folder), "resnet50_weights": str(weights)})
     executed = nbformat.read(tmp_path / "out" / chapter.name, as_version=4)
-    cell = next(c for c in executed.cells if c.cell_type == "code" and c.source.startswith("if P.resnet50"))
+    cell = next(c for c in executed.cells if c.cell_type == "code" and c.source.startswith("if P.broden_dir"))
     table = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
     rows = [line.split() for line in table.split("\n\n")[0].splitlines() if re.match(r"^[0-9]+\s", line)]
-    assert "weights_remaining" in table and [r[0] for r in rows] == ["0", "1"]  # ResNet-50 unpruned, then pruned
-    assert float(rows[0][1]) == 1.0 and float(rows[1][1]) == pytest.approx(0.8, abs=1e-3)
+    # smoke prunes to 64% of the weights: ResNet-50 unpruned, then two one-shot rounds of 20%
+    assert "weights_remaining" in table and [r[0] for r in rows] == ["0", "1", "2"]
+    assert [float(r[1]) for r in rows] == pytest.approx([1.0, 0.8, 0.64], abs=1e-3)
 
 
 def test_chapter_2_stops_with_a_clear_message_when_a_dense_network_is_at_chance(tmp_path, monkeypatch):
