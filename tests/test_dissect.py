@@ -208,7 +208,7 @@ def study(units_at_168=(20, 19, 21), accuracy_shift=0.0):
                                  **{f"concepts/{c}": 1 for c in FIG_CATS}, "chance": n / 32,
                                  "still interpretable": [0.85, 0.9, 0.8][t] if lv else 1.0,
                                  "same concept": [0.75, 0.8, 0.7][t] if lv else 1.0})
-    return dissect.Dissected({"paper": (0.005, 0.04), "chosen": (0.02, 0.08)}, FIG_CATS, 32, pd.DataFrame(rows),
+    return dissect.Dissected({"paper": (0.005, 0.04), "chosen": (0.02, 0.08)}, FIG_CATS, 32, 8, pd.DataFrame(rows),
                              {}, {}, None)
 
 
