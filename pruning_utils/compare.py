@@ -24,23 +24,24 @@ import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from . import baselines, criteria, merging, prune, train
+from . import baselines, criteria, dissect, merging, prune, train
 from . import causal, class_filters, trees  # noqa: F401  (they register 'causal', 'class_usage', 'gain')
 from . import data as data_mod
 from .params import ParameterError
-from .plots import label_grid, new_figure, panel_grid
+from .plots import label_grid, panel_grid
 from .progress import bar
 
 NETWORKS = ("lenet5", "resnet20", "resnet8")
 NAMES = {"lenet5": "LeNet5", "resnet20": "ResNet-20", "resnet8": "ResNet-8"}
 METHODS = ("prune", "merge")
+MERGE_LAM = 0.85  # lambda of merging's Algorithm 3 (BatchNorm chains): the reference code's value (chapter 4)
 
 
 @dataclass
@@ -131,17 +132,11 @@ def _subset(split: data_mod.Split, n: int | None, seed: int) -> tuple[data_mod.S
     return data_mod.Split(split.x[idx], split.y[idx], split.classes, split.name), idx
 
 
-def _concepts_at(cs, idx: np.ndarray):
-    """The images ``idx`` of a ``broden.ConceptSet``."""
-    t = torch.as_tensor(idx)
-    return replace(cs, images=cs.images[t], masks=cs.masks[t], has_category=cs.has_category[t])
-
-
 def scoring_data(setting: Setting, n: int | None, seed: int) -> criteria.Data:
     """The images (and their pixel labels, where the setting has them) that score filters at ``seed``: a
     stratified draw of ``n`` training images, the same for every criterion."""
     split, idx = _subset(setting.train, n, seed)
-    concepts = _concepts_at(setting.concepts, idx) if setting.concepts is not None else None
+    concepts = dissect.subset(setting.concepts, idx) if setting.concepts is not None else None
     return criteria.Data(split.x, split.y, concepts)
 
 
@@ -158,7 +153,7 @@ def fewer(data: criteria.Data, n: int | None, seed: int) -> criteria.Data:
     if n is None or n >= len(data.x):
         return data
     idx = data_mod.stratified_indices(data.y.numpy(), n, seed)
-    concepts = _concepts_at(data.concepts, idx) if data.concepts is not None else None
+    concepts = dissect.subset(data.concepts, idx) if data.concepts is not None else None
     return criteria.Data(data.x[idx], data.y[idx], concepts)
 
 
@@ -211,9 +206,34 @@ def pruned(setting: Setting, remove: Mapping[str, Sequence[int]], method: str = 
     return net.eval(), sum(pl.merged for pl in plans) if heads else 0
 
 
+def recalibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm of ``model`` on the images ``x`` (a plain
+    average over them; no weight changes): a pruned network's BatchNorms otherwise normalise with
+    statistics of inputs that no longer exist (adaptive BatchNorm, Li et al. 2020). In place; returned."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    return model.eval()
+
+
 def correct(model: nn.Module, split: data_mod.Split, batch_size: int = 500) -> np.ndarray:
-    """Whether each test image is classified right (bool per image)."""
-    return (train.predict(model, split.x, batch_size).argmax(1) == split.y).numpy()
+    """Whether each test image is classified right (bool per image), computed by an inference copy of
+    ``model`` (BatchNorm folded, channels_last: :func:`latency.prepare`; the same function, about twice
+    as fast on this CPU)."""
+    from .latency import prepare
+
+    x = split.x.contiguous(memory_format=torch.channels_last) if split.x.ndim == 4 else split.x
+    return (train.predict(prepare(model), x, batch_size).argmax(1) == split.y).numpy()
 
 
 def finetune_chunks(setting: Setting, budgets: Sequence[int], seed: int) -> list[tuple[int, data_mod.Split]]:
@@ -264,9 +284,11 @@ def run(settings: Sequence[Setting], names: Sequence[str], seeds: Sequence[int],
         score_images: int | None, *, merge: Sequence[str] = NETWORKS, threshold: float | None = None,
         bn_threshold: float | None = None, lam: float = 0.85, block: int | None = None,
         options: Mapping[str, Mapping] | None = None, images: Mapping[str, int] | None = None,
-        progress: bool = True) -> Runs:
+        recalibrate_bn: bool = True, progress: bool = True) -> Runs:
     """The protocol, for every setting, seed, criterion, target, allocation, method and budget; prune +
-    merge runs on the networks named in ``merge`` (where their layers allow it)."""
+    merge runs on the networks named in ``merge`` (where their layers allow it). With ``recalibrate_bn``
+    every pruned network's BatchNorm statistics are re-estimated on the seed's scoring images before it is
+    evaluated (:func:`recalibrate`): "no fine-tuning" means no weight update."""
     if "random" not in names:
         raise ParameterError(f"criteria={list(names)!r} is not allowed: random, the null, is always compared")
     rows, seconds, skipped, all_scores, base = [], [], {}, {}, {}
@@ -295,6 +317,8 @@ def run(settings: Sequence[Setting], names: Sequence[str], seeds: Sequence[int],
                         net, n_merged = pruned(setting, plan.remove, method, threshold, bn_threshold, lam)
                         if net is None or (method == "merge" and n_merged == 0):
                             continue  # nothing merged: the network is the pruned one, already measured
+                        if recalibrate_bn:
+                            recalibrate(net, data.x)
                         for b, c in evaluate(setting, net, chunks, seed).items():
                             rows.append({"setting": setting.key, "target": target, "allocation": allocation,
                                          "criterion": name, "method": method, "budget": b, "seed": seed,
@@ -367,12 +391,12 @@ def settings(P, progress: bool = True) -> list[Setting]:
     return out
 
 
-# chapter 2's network: a ResNet-8 trained on the synthetic Broden-format scenes, its last block dissected
+# chapter 2's network: its dense ResNet-8 on the synthetic Broden-format scenes, whose last block it dissects
 
 @dataclass(frozen=True)
 class SceneNet:
-    """Chapter 2's ResNet-8 on its scenes: the model, its accuracy, the train / held-out splits, and the
-    pixel labels (concept set) of the training images, which score units for the ``iou`` criterion."""
+    """Chapter 2's dense ResNet-8 on its scenes: the model, its accuracy, the train / held-out splits, and
+    the pixel labels (concept set) of the training images, which score units for the ``iou`` criterion."""
 
     model: nn.Module
     accuracy: float
@@ -382,29 +406,26 @@ class SceneNet:
 
 
 def scene_net(P, progress: bool = True) -> SceneNet:
-    """Chapter 2's ResNet-8 (depth 8, width ``P.scene_width``) trained on ``P.scene_images`` synthetic
-    scenes for ``P.scene_epochs`` epochs: the dense level of :func:`imp.run_cached` (cached there), so
-    it is trained once; stops if it is near chance."""
-    from . import broden, imp, models
+    """Chapter 2's dense network of seed ``P.seed`` at run size ``P.size``: its scenes, its recipe and its
+    cache entry (:func:`dissect.scenes`, :func:`dissect.imp_configs`, :func:`imp.dense_cached`), so the
+    network is the one chapter 2 dissects and prunes, trained once for both chapters."""
+    from . import broden, dissect, imp, models, presets
 
-    folder = broden.synthetic(P.scene_images, P.scene_val_images, 32, P.seed)
-    bro = broden.load(folder)
-    tr, te = broden.scene_split(bro, "train"), broden.scene_split(bro, "val")
-    concepts = broden.concept_set(bro, "train")
-    if len(concepts) != len(tr) or not torch.equal(concepts.images, tr.x):
-        raise ParameterError(f"{folder} has training images without a scene label; the concept set and the "
-                             "scene split must hold the same images")
-    cfg = imp.IMPConfig(rounds=0, rewind_epochs=0,
-                        train=train.TrainConfig(epochs=P.scene_epochs, batch_size=64, lr=P.scene_lr,
-                                                channels_last=True, threads=1))  # a small net: one thread
-    build = functools.partial(models.CifarResNet, 8, num_classes=len(tr.classes), width=P.scene_width)
-    levels, _ = imp.run_cached(build, tr, te, cfg, {"data": folder.name, "depth": 8, "width": P.scene_width},
-                               seed=P.seed, device=P.device, progress=progress)
+    P2 = presets.chapter_params("dissection", P.size, seeds=[P.seed], device=P.device, download=P.download)
+    sc = dissect.scenes(P2)
+    build = functools.partial(models.CifarResNet, P2.depth, num_classes=len(sc.train.classes), width=P2.width)
+    key = {"data": sc.folder.name, "depth": P2.depth, "width": P2.width}
+    dense, _ = imp.dense_cached(build, sc.train, sc.test, dissect.imp_configs(P2)[dissect.MAIN], key,
+                                seed=P.seed, device=P.device)
     model = build()
-    model.load_state_dict(levels[0]["state"])
-    acc = float(levels[0]["test_acc"])
-    train.check_trained(acc, len(tr.classes), f"chapter 2's ResNet-8 on the scenes (seed {P.seed})")
-    return SceneNet(model.eval(), acc, tr, te, concepts)
+    model.load_state_dict(dense["state"])
+    acc = float(dense["test_acc"])
+    train.check_trained(acc, len(sc.train.classes), f"chapter 2's dense ResNet-{P2.depth} (seed {P.seed})")
+    concepts = broden.concept_set(sc.data, "train")
+    if len(concepts) != len(sc.train) or not torch.equal(concepts.images, sc.train.x):
+        raise ParameterError(f"{sc.folder} has training images without a scene label; the concept set and the "
+                             "scene split must hold the same images")
+    return SceneNet(model.eval(), acc, sc.train, sc.test, concepts)
 
 
 def scenes_setting(P, progress: bool = True) -> Setting:
@@ -840,9 +861,10 @@ class Comparison:
             t, a = max(s.targets), s.allocations[0]
             out[f"{tag}_spread_b0"] = float(spread(self.runs, key, t, a, 0).mean())
             out[f"{tag}_spread_btop"] = float(spread(self.runs, key, t, a, top).mean())
-            if merged_anywhere(self.runs, key, t, a):
-                for b, suffix in ((0, "b0"), (top, "btop")):
-                    out[f"{tag}_merge_gain_{suffix}"] = float(_merge_gain(self.runs, key, t, a, b).mean())
+            merged = merged_anywhere(self.runs, key, t, a)  # else NaN: the prose's glue must exist
+            for b, suffix in ((0, "b0"), (top, "btop")):
+                gain = _merge_gain(self.runs, key, t, a, b) if merged else None
+                out[f"{tag}_merge_gain_{suffix}"] = float(gain.mean()) if gain is not None else float("nan")
         for key, lat in self.latency.items():
             tag = _tag(key)
             uni = lat.xs("uniform", level="allocation") if "uniform" in lat.index.get_level_values(1) else lat
@@ -867,8 +889,8 @@ def compare_all(P, progress: bool = True) -> Comparison:
     """Chapter 6 from its parameters: the settings, the protocol on every one, latency tables."""
     found = settings(P, progress)
     runs = run(found, P.criteria, P.seeds, P.finetune_steps, P.score_images, merge=P.merge or (),
-               threshold=P.merge_threshold, bn_threshold=P.merge_bn_threshold, lam=P.merge_lam, block=P.block,
+               threshold=P.merge_threshold, bn_threshold=P.merge_bn_threshold, lam=MERGE_LAM, block=P.block,
                options={"iou": {"quantile": P.iou_quantile}}, images={"causal": P.causal_images},
-               progress=progress)
+               recalibrate_bn=P.recalibrate_bn, progress=progress)
     lat = {s.key: latency_table(runs, s.key, P.latency_repeats, block=P.block) for s in found if s.scope == "network"}
     return Comparison(runs, lat, P)

@@ -244,3 +244,21 @@ def test_rank_correlation_is_spearman_and_leaves_a_constant_row_out():
     assert rho[1, 3] == pytest.approx(spearmanr(m[1], m[3]).statistic)
     assert np.isnan(rho[2]).all() and np.isnan(rho[:, 2]).all()
     assert np.allclose(np.diag(rho)[[0, 1, 3]], 1.0)
+
+
+def test_recalibration_re_estimates_batchnorm_statistics_and_nothing_else():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    net[1].running_mean.fill_(5.0)
+    net[1].running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    x = torch.randn(50, 1, 8, 8)
+    with torch.no_grad():
+        pre = net[0](x)
+    compare.recalibrate(net, x, batch_size=50)  # one batch: the statistics of exactly these inputs
+    torch.testing.assert_close(net[1].running_mean, pre.mean((0, 2, 3)))
+    torch.testing.assert_close(net[1].running_var, pre.var((0, 2, 3), unbiased=True))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    assert net[1].momentum == 0.1 and not net.training
+    lenet = models.LeNet5().eval()
+    assert compare.recalibrate(lenet, torch.rand(4, 1, 32, 32)) is lenet  # no BatchNorm: nothing to do
