@@ -86,8 +86,10 @@ def ref_scaling_bn(weight: np.ndarray, ind: np.ndarray, threshold, gamma, beta, 
 
 
 def ref_keep(weight: torch.Tensor, p: int) -> np.ndarray:
-    """The reference's ℓ1 criterion: row norms, argsort, the P largest, sorted."""
-    norm = torch.norm(weight, 1, 1).numpy()
+    """The reference's ℓ1 criterion: row norms, argsort, the P largest, sorted. The norms in float64 (the
+    reference: float32), so that a near-tie at the cut is decided as ``merging.keep_indices`` decides it:
+    two of the random VGG-16's filters differ by 2e-5 in ℓ1 norm, where float32 sums can disagree."""
+    norm = torch.norm(weight.double(), 1, 1).numpy()
     return np.array(sorted(np.argsort(norm)[::-1][:p].tolist()))
 
 

@@ -790,15 +790,16 @@ class Comparison:
         return self.pre["causal"].shape[1]
 
     def estimate(self, a: str, b: str, after: bool = True):
-        """Accuracy of ``a`` minus ``b``, averaged over seeds, paired on the test images (standard error of
-        the per-image differences at the pruned accuracies, :meth:`claims.Estimate.paired_images`)."""
+        """Accuracy of ``a`` minus ``b``, paired on the same seeds and test images, with an interval that
+        counts the seeds (ranking images, fine-tuning) and the test images together
+        (:meth:`claims.Estimate.paired_crossed`): three seeds that disagree make it wide, as they should."""
         from .claims import Estimate
 
         d = self.post if after else self.pre
-        return Estimate.paired_images(d[a], d[b])
+        return Estimate.paired_crossed(d[a], d[b])
 
     def seed_gaps(self, a: str, b: str, after: bool = True) -> str:
-        """The accuracy difference ``a - b`` seed by seed (what the interval over test images does not cover)."""
+        """The accuracy difference ``a - b`` seed by seed (the spread the interval's seed term counts)."""
         d = self.post if after else self.pre
         return ", ".join(f"{v:+.3f}" for v in d[a].mean(1) - d[b].mean(1))
 

@@ -90,6 +90,39 @@ class Estimate:
                    "paired over test images")
 
     @classmethod
+    def crossed(cls, values: np.ndarray, level: float = LEVEL) -> "Estimate":
+        """Mean of per-(seed, image) values (S, N) with an interval that counts both sources of variance,
+        seeds and test images crossed: SE^2 = var(seed means) / S + var(image means) / N (slightly
+        conservative), Student's t with Welch-Satterthwaite degrees of freedom. With one seed only the
+        image term remains (say so: the seeds then cover nothing)."""
+        from scipy.stats import t
+
+        v = np.asarray(values, dtype=float)
+        if v.ndim != 2 or v.size == 0 or not np.isfinite(v).all():
+            raise ValueError(f"crossed needs a finite (seeds, images) array; got shape {v.shape}")
+        s, n = v.shape
+        mean = float(v.mean())
+        a = v.mean(1).var(ddof=1) / s if s > 1 else 0.0
+        b = v.mean(0).var(ddof=1) / n if n > 1 else 0.0
+        se2 = a + b
+        method = f"{s} seeds x {n} test images, crossed"
+        if se2 == 0:
+            return cls(mean, mean, mean, s, method)
+        df = se2 ** 2 / ((a * a / (s - 1) if s > 1 else 0.0) + (b * b / (n - 1) if n > 1 else 0.0))
+        half = float(t.ppf(0.5 + level / 2, df) * math.sqrt(se2))
+        return cls(mean, mean - half, mean + half, s, method)
+
+    @classmethod
+    def paired_crossed(cls, correct_a: np.ndarray, correct_b: np.ndarray, level: float = LEVEL) -> "Estimate":
+        """Accuracy difference a - b of two methods on the same seeds and the same test images, from
+        per-(seed, image) correctness (S, N): :meth:`crossed` of the paired differences, the standard error
+        at the pruned accuracies with both seeds and images counted."""
+        a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
+        if a.shape != b.shape:
+            raise ValueError(f"paired values need the same seeds and images: {a.shape} vs {b.shape}")
+        return cls.crossed(np.atleast_2d(a - b), level)
+
+    @classmethod
     def proportion(cls, successes: int, n: int, level: float = LEVEL) -> "Estimate":
         """A share measured on ``n`` independent items (e.g. one model's accuracy on n test images), with
         Wilson's score interval."""
@@ -413,131 +446,6 @@ def _title(nb: Path) -> str:
     return nb.stem
 
 
-# --- chapter 5 (paper 004) ---
-CAUSAL_SPEEDUP = 0.1  # claim causal-4a: "wall-clock speed-ups" = latency at least 10% lower at the largest cut
-CAUSAL_FOLLOWS = 0.8  # claims causal-4b/c: latency "follows" MACs = its drop at least 0.8 x the MAC drop
-CAUSAL_RHO = 0.8  # claim causal-3: DoWhy "recovers" the effects = Spearman's rho with the truth above 0.8
-CAUSAL_RIGHT = 0.8  # claim causal-3-refuters: at least 80% of the estimates that pass hold the truth
-
-
-def _declare_causal() -> None:
-    where = ("05_causal_pruning", "causal-claims")
-    after = ("test accuracy after fine-tuning, causal minus the other criterion, averaged over seeds, paired "
-             "on the test images")
-    declare("causal-1", *where, "Causal (interventional) importance of filters prunes better than the usual "
-            "cheap criteria, after the same fine-tuning", "expected (Sec. III), no number", after,
-            Above(0.0, "causal is better"), parts="cheap criterion")
-    declare("causal-1-noft", *where, "The same, straight after pruning (no fine-tuning)", "expected, no number",
-            after.replace("after fine-tuning", "straight after pruning"), Above(0.0, "causal is better"),
-            parts="cheap criterion")
-    declare("causal-1-null", *where, "Causal importance beats a random ranking (the null), after fine-tuning",
-            "implied", after.replace("the other criterion", "random"), Above(0.0, "better than random"))
-    declare("causal-2", *where, "A structural causal model over filters (Narendra et al.) ranks them better than "
-            "the magnitude of their weights, after fine-tuning", "expected (structural integrity), no number",
-            after.replace("causal minus the other criterion", "SCM minus L1"), Above(0.0, "the SCM is better"))
-    declare("causal-3", *where, "DoWhy estimates filter effects from observational data", "hoped for; its "
-            "efficiency listed as a risk", "Spearman's rho between DoWhy's back-door estimate (parents adjusted) "
-            "and the measured effect of removing each filter, bootstrap over filters",
-            Above(CAUSAL_RHO, f"rho above {CAUSAL_RHO}"))
-    declare("causal-3-refuters", *where, "An estimate that passes DoWhy's refuters is right (Fig. 1's "
-            "refute step)", "implied by the workflow", "share of the estimates passing all three refuters whose "
-            "95% interval holds the measured effect (Wilson interval)",
-            Above(CAUSAL_RIGHT, f"at least {CAUSAL_RIGHT:.0%} right"))
-    declare("causal-4a", *where, "Structured pruning gives measured speed-ups on a CPU", "expected (vs "
-            "unstructured sparsity), no number", "latency reduction at batch 64 of the most pruned network, "
-            "median over timing rounds", Above(CAUSAL_SPEEDUP, f"more than {CAUSAL_SPEEDUP:.0%} faster"))
-    declare("causal-4b", *where, "The speed-up follows the MAC reduction, at batch 64", "implied (FLOPs as "
-            "the proxy of cost)", "latency drop / MAC drop at batch 64, the most pruned network",
-            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
-    declare("causal-4c", *where, "The speed-up follows the MAC reduction, at batch 1", "implied",
-            "latency drop / MAC drop at batch 1, the most pruned network",
-            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
-    declare("causal-5", *where, "Pruning regularises: a lightly pruned network generalises better", "expected "
-            "(Sec. II), no number", "test accuracy of lightly pruned and fine-tuned LeNet5 minus the unpruned "
-            "one fine-tuned the same way, averaged over seeds, paired on the test images",
-            Above(0.0, "the pruned one is better"))
-    declare("causal-6", *where, "The causal view costs more computation than the cheap criteria",
-            "listed as a risk (Sec. IV)", "CPU seconds to score the filters by interventions over seconds by "
-            "Taylor, per seed", Above(1.0, "more costly"))
-
-
-_declare_causal()
-
-
-# --- chapter 4 (paper 003) ---
-# Constants of the rules, fixed before any run. LeNet-300-100's accuracies on Fashion-MNIST's 10,000 test
-# images carry a binomial standard error of about 0.003-0.005; training seeds move them more.
-NM_BASE_TOLERANCE = 0.01  # "reaches 89.80%": the interval within one point of it
-NM_KEPT_TOLERANCE = 0.02  # "merging keeps 80.02% at ratio 0.8": the interval above 0.7802
-NM_THRESHOLD_TOLERANCE = 0.01  # "threshold 0.45 / lambda 0.85 suit the network": within a point of the best
-NM_EXACT = 1e-3  # "exact": the largest change of any output (logit) below 1e-3
-NM_SECTION = ("04_neuron_merging", "nm-claims")
-
-
-def _declare_neuron_merging() -> None:
-    from . import reference
-
-    ref = reference.NEURON_MERGING
-    t1 = ref["lenet300100_l1"]
-    lo, hi = min(t1), max(t1)
-    gains = ", ".join(f"{r:g}: {t1[r]['merge'] - t1[r]['prune']:+.4f}" for r in t1)
-    paired = "merge minus prune accuracy without fine-tuning (the same kept neurons, the same test images)"
-    declare("nm-baseline", *NM_SECTION, "LeNet-300-100 reaches 89.80% on Fashion-MNIST (Table 1's baseline)",
-            f"{ref['lenet300100_acc']:.4f}", "test accuracy of each training seed's network",
-            Between(round(ref["lenet300100_acc"] - NM_BASE_TOLERANCE, 4),
-                    round(ref["lenet300100_acc"] + NM_BASE_TOLERANCE, 4), f"within {NM_BASE_TOLERANCE} of it"))
-    declare("nm-beats-prune", *NM_SECTION, "Without fine-tuning, merging beats pruning at every ratio "
-            "(LeNet-300-100, l1; Table 1)", gains, paired + ", paired by training seed",
-            Above(0.0, "merging is better"), parts="pruning ratio")
-    declare("nm-gain-grows", *NM_SECTION, "The gain of merging grows with the pruning ratio (Table 1)",
-            f"{t1[lo]['merge'] - t1[lo]['prune']:+.4f} at {lo:g} to {t1[hi]['merge'] - t1[hi]['prune']:+.4f} "
-            f"at {hi:g}", "gain at the largest ratio minus gain at the smallest, per training seed",
-            Above(0.0, "larger at the larger ratio"))
-    declare("nm-kept-at-08", *NM_SECTION, f"Merging keeps {100 * t1[0.8]['merge']:.2f}% accuracy with 80% of the "
-            "hidden neurons removed (Table 1)", f"{t1[0.8]['merge']:.4f} (prune: {t1[0.8]['prune']:.4f})",
-            "merged test accuracy at ratio 0.8, l1, per training seed",
-            Above(round(t1[0.8]["merge"] - NM_KEPT_TOLERANCE, 4), f"at most {NM_KEPT_TOLERANCE} below it"))
-    declare("nm-every-criterion", *NM_SECTION, "Merging beats pruning whichever criterion keeps the neurons "
-            "(l1, l2, l2-GM; the paper's tables)", "yes, for each criterion", paired + ", paired by training seed",
-            Above(0.0, "merging is better"), parts="criterion and ratio")
-    vgg = ref["vgg16_cifar10"]
-    declare("nm-bn-beats-prune", *NM_SECTION, "With BatchNorm (Algorithm 3), merging beats pruning",
-            f"VGG-16 on CIFAR-10: {vgg['prune']:.4f} pruned, {vgg['merge']:.4f} merged",
-            "merge (the reference's BN formula) minus prune accuracy, paired over the test images of one "
-            "trained network", Above(0.0, "merging is better"), parts="pruning ratio")
-    declare("nm-s-direction", *NM_SECTION, "s has the pruned neuron's norm on top; reversed, accuracy is about "
-            "4% lower (the report)", f"{ref['s_reversed_drop']:+.2f} on average",
-            "accuracy with s reversed minus with s as in the paper, mean over the ratios (LeNet-300-100: paired "
-            "by seed; BN network: paired over test images)", Below(0.0, "reversed is worse"), parts="network")
-    declare("nm-threshold", *NM_SECTION, f"Threshold {ref['thresholds']['lenet300100']:g} suits LeNet-300-100 "
-            "(the reference script)", f"{ref['thresholds']['lenet300100']:g}",
-            "accuracy at the sweep's best threshold minus at the chapter's, mean over ratios, paired by seed",
-            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
-    declare("nm-lambda", *NM_SECTION, f"lambda = {ref['lam']['vgg16']:g} suits the BN network (the reference "
-            "scripts)", f"{ref['lam']['vgg16']:g}",
-            "accuracy at the sweep's best lambda minus at the chapter's, paired over test images",
-            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
-    declare("nm-exact-fc", *NM_SECTION, "Merging is exact when every pruned neuron is a positive multiple of a "
-            "kept one (Theorem 1), fully connected", "exact",
-            "largest output change on 200 test images of a planted LeNet-300-100, per seed",
-            Below(NM_EXACT, f"below {NM_EXACT:g}"))
-    declare("nm-exact-bn", *NM_SECTION, "... and with BatchNorm, as the reference code computes the scale "
-            "(Theorem 1, Algorithm 3)", "exact",
-            "largest output change on 200 test images of the planted BN network, reference BN formula, per plant "
-            "seed", Below(NM_EXACT, f"below {NM_EXACT:g}"))
-    declare("nm-chains", *NM_SECTION, "The merge-able layers of a branch-free model can be found automatically, "
-            "with hooks on a dummy input, instead of being hard-coded (the report, Sec. 4.1)", "proposed",
-            "share of the runs in which the chains found in LeNet-300-100 are exactly the reference's "
-            "hard-coded ones", Between(1.0, 1.0, "all of them, and nothing else"))
-    declare("nm-leaky", *NM_SECTION, "Merging extends to LeakyReLU, which is positively homogeneous too (the "
-            "report, Sec. 4.2)", "proposed, not measured",
-            "merge minus prune accuracy of the LeakyReLU twin, mean over the ratios, paired by seed",
-            Above(0.0, "merging is better"))
-
-
-_declare_neuron_merging()
-
-
 # --- chapter 1 (paper 000) ---
 # Constants of the rules, fixed before any run. Accuracies on MNIST-5k's 1,000 test digits carry a standard
 # error of about 0.01-0.015, so a difference under 0.05 is about what one figure could not tell apart.
@@ -711,6 +619,131 @@ def _declare_class_filters() -> None:
 CF_R_A_TOLERANCE = 0.03  # claims cf-1a/1b: "keeps most of the accuracy" = r_A at most 0.03 below the paper's
 CF_RECOVERY_TOLERANCE = 0.005  # claim cf-3: "very close to the original accuracy" (the paper: 0.002 short)
 _declare_class_filters()
+
+
+# --- chapter 4 (paper 003) ---
+# Constants of the rules, fixed before any run. LeNet-300-100's accuracies on Fashion-MNIST's 10,000 test
+# images carry a binomial standard error of about 0.003-0.005; training seeds move them more.
+NM_BASE_TOLERANCE = 0.01  # "reaches 89.80%": the interval within one point of it
+NM_KEPT_TOLERANCE = 0.02  # "merging keeps 80.02% at ratio 0.8": the interval above 0.7802
+NM_THRESHOLD_TOLERANCE = 0.01  # "threshold 0.45 / lambda 0.85 suit the network": within a point of the best
+NM_EXACT = 1e-3  # "exact": the largest change of any output (logit) below 1e-3
+NM_SECTION = ("04_neuron_merging", "nm-claims")
+
+
+def _declare_neuron_merging() -> None:
+    from . import reference
+
+    ref = reference.NEURON_MERGING
+    t1 = ref["lenet300100_l1"]
+    lo, hi = min(t1), max(t1)
+    gains = ", ".join(f"{r:g}: {t1[r]['merge'] - t1[r]['prune']:+.4f}" for r in t1)
+    paired = "merge minus prune accuracy without fine-tuning (the same kept neurons, the same test images)"
+    declare("nm-baseline", *NM_SECTION, "LeNet-300-100 reaches 89.80% on Fashion-MNIST (Table 1's baseline)",
+            f"{ref['lenet300100_acc']:.4f}", "test accuracy of each training seed's network",
+            Between(round(ref["lenet300100_acc"] - NM_BASE_TOLERANCE, 4),
+                    round(ref["lenet300100_acc"] + NM_BASE_TOLERANCE, 4), f"within {NM_BASE_TOLERANCE} of it"))
+    declare("nm-beats-prune", *NM_SECTION, "Without fine-tuning, merging beats pruning at every ratio "
+            "(LeNet-300-100, l1; Table 1)", gains, paired + ", paired by training seed",
+            Above(0.0, "merging is better"), parts="pruning ratio")
+    declare("nm-gain-grows", *NM_SECTION, "The gain of merging grows with the pruning ratio (Table 1)",
+            f"{t1[lo]['merge'] - t1[lo]['prune']:+.4f} at {lo:g} to {t1[hi]['merge'] - t1[hi]['prune']:+.4f} "
+            f"at {hi:g}", "gain at the largest ratio minus gain at the smallest, per training seed",
+            Above(0.0, "larger at the larger ratio"))
+    declare("nm-kept-at-08", *NM_SECTION, f"Merging keeps {100 * t1[0.8]['merge']:.2f}% accuracy with 80% of the "
+            "hidden neurons removed (Table 1)", f"{t1[0.8]['merge']:.4f} (prune: {t1[0.8]['prune']:.4f})",
+            "merged test accuracy at ratio 0.8, l1, per training seed",
+            Above(round(t1[0.8]["merge"] - NM_KEPT_TOLERANCE, 4), f"at most {NM_KEPT_TOLERANCE} below it"))
+    declare("nm-every-criterion", *NM_SECTION, "Merging beats pruning whichever criterion keeps the neurons "
+            "(l1, l2, l2-GM; the paper's tables)", "yes, for each criterion", paired + ", paired by training seed",
+            Above(0.0, "merging is better"), parts="criterion and ratio")
+    vgg = ref["vgg16_cifar10"]
+    declare("nm-bn-beats-prune", *NM_SECTION, "With BatchNorm (Algorithm 3), merging beats pruning",
+            f"VGG-16 on CIFAR-10: {vgg['prune']:.4f} pruned, {vgg['merge']:.4f} merged",
+            "merge (the reference's BN formula) minus prune accuracy, paired over the test images of one "
+            "trained network", Above(0.0, "merging is better"), parts="pruning ratio")
+    declare("nm-s-direction", *NM_SECTION, "s has the pruned neuron's norm on top; reversed, accuracy is about "
+            "4% lower (the report)", f"{ref['s_reversed_drop']:+.2f} on average",
+            "accuracy with s reversed minus with s as in the paper, mean over the ratios (LeNet-300-100: paired "
+            "by seed; BN network: paired over test images)", Below(0.0, "reversed is worse"), parts="network")
+    declare("nm-threshold", *NM_SECTION, f"Threshold {ref['thresholds']['lenet300100']:g} suits LeNet-300-100 "
+            "(the reference script)", f"{ref['thresholds']['lenet300100']:g}",
+            "accuracy at the sweep's best threshold minus at the chapter's, mean over ratios, paired by seed",
+            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
+    declare("nm-lambda", *NM_SECTION, f"lambda = {ref['lam']['vgg16']:g} suits the BN network (the reference "
+            "scripts)", f"{ref['lam']['vgg16']:g}",
+            "accuracy at the sweep's best lambda minus at the chapter's, paired over test images",
+            Below(NM_THRESHOLD_TOLERANCE, f"within {NM_THRESHOLD_TOLERANCE} of the best"))
+    declare("nm-exact-fc", *NM_SECTION, "Merging is exact when every pruned neuron is a positive multiple of a "
+            "kept one (Theorem 1), fully connected", "exact",
+            "largest output change on 200 test images of a planted LeNet-300-100, per seed",
+            Below(NM_EXACT, f"below {NM_EXACT:g}"))
+    declare("nm-exact-bn", *NM_SECTION, "Merging is exact for positive multiples with BatchNorm, as the reference code computes the scale "
+            "(Theorem 1, Algorithm 3)", "exact",
+            "largest output change on 64 test images of the planted BN network, reference BN formula, per plant "
+            "seed", Below(NM_EXACT, f"below {NM_EXACT:g}"))
+    declare("nm-chains", *NM_SECTION, "The merge-able layers of a branch-free model can be found automatically, "
+            "with hooks on a dummy input, instead of being hard-coded (the report, Sec. 4.1)", "proposed",
+            "share of the runs in which the chains found in LeNet-300-100 are exactly the reference's "
+            "hard-coded ones", Between(1.0, 1.0, "all of them, and nothing else"))
+    declare("nm-leaky", *NM_SECTION, "Merging extends to LeakyReLU, which is positively homogeneous too (the "
+            "report, Sec. 4.2)", "proposed, not measured",
+            "merge minus prune accuracy of the LeakyReLU twin, mean over the ratios, paired by seed",
+            Above(0.0, "merging is better"))
+
+
+_declare_neuron_merging()
+
+
+# --- chapter 5 (paper 004) ---
+CAUSAL_SPEEDUP = 0.1  # claim causal-4a: "wall-clock speed-ups" = latency at least 10% lower at the largest cut
+CAUSAL_FOLLOWS = 0.8  # claims causal-4b/c: latency "follows" MACs = its drop at least 0.8 x the MAC drop
+CAUSAL_RHO = 0.8  # claim causal-3: DoWhy "recovers" the effects = Spearman's rho with the truth above 0.8
+CAUSAL_RIGHT = 0.8  # claim causal-3-refuters: at least 80% of the estimates that pass hold the truth
+
+
+def _declare_causal() -> None:
+    where = ("05_causal_pruning", "causal-claims")
+    after = ("test accuracy after fine-tuning, causal minus the other criterion, averaged over seeds, paired "
+             "on the test images")
+    declare("causal-1", *where, "Causal (interventional) importance of filters prunes better than the usual "
+            "cheap criteria, after the same fine-tuning", "expected (Sec. III), no number", after,
+            Above(0.0, "causal is better"), parts="cheap criterion")
+    declare("causal-1-noft", *where, "The same, straight after pruning (no fine-tuning)", "expected, no number",
+            after.replace("after fine-tuning", "straight after pruning"), Above(0.0, "causal is better"),
+            parts="cheap criterion")
+    declare("causal-1-null", *where, "Causal importance beats a random ranking (the null), after fine-tuning",
+            "implied", after.replace("the other criterion", "random"), Above(0.0, "better than random"))
+    declare("causal-2", *where, "A structural causal model over filters (Narendra et al.) ranks them better than "
+            "the magnitude of their weights, after fine-tuning", "expected (structural integrity), no number",
+            after.replace("causal minus the other criterion", "SCM minus L1"), Above(0.0, "the SCM is better"))
+    declare("causal-3", *where, "DoWhy estimates filter effects from observational data", "hoped for; its "
+            "efficiency listed as a risk", "Spearman's rho between DoWhy's back-door estimate (parents adjusted) "
+            "and the measured effect of removing each filter, bootstrap over filters",
+            Above(CAUSAL_RHO, f"rho above {CAUSAL_RHO}"))
+    declare("causal-3-refuters", *where, "An estimate that passes DoWhy's refuters is right (Fig. 1's "
+            "refute step)", "implied by the workflow", "share of the estimates passing all three refuters whose "
+            "95% interval holds the measured effect (Wilson interval)",
+            Above(CAUSAL_RIGHT, f"at least {CAUSAL_RIGHT:.0%} right"))
+    declare("causal-4a", *where, "Structured pruning gives measured speed-ups on a CPU", "expected (vs "
+            "unstructured sparsity), no number", "latency reduction at batch 64 of the most pruned network, "
+            "median over timing rounds", Above(CAUSAL_SPEEDUP, f"more than {CAUSAL_SPEEDUP:.0%} faster"))
+    declare("causal-4b", *where, "The speed-up follows the MAC reduction, at batch 64", "implied (FLOPs as "
+            "the proxy of cost)", "latency drop / MAC drop at batch 64, the most pruned network",
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+    declare("causal-4c", *where, "The speed-up follows the MAC reduction, at batch 1", "implied",
+            "latency drop / MAC drop at batch 1, the most pruned network",
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+    declare("causal-5", *where, "Pruning regularises: a lightly pruned network generalises better", "expected "
+            "(Sec. II), no number", "test accuracy of lightly pruned and fine-tuned LeNet5 minus the unpruned "
+            "one fine-tuned the same way, averaged over seeds, paired on the test images",
+            Above(0.0, "the pruned one is better"))
+    declare("causal-6", *where, "The causal view costs more computation than the cheap criteria",
+            "listed as a risk (Sec. IV)", "CPU seconds to score the filters by interventions over seconds by "
+            "Taylor, per seed", Above(1.0, "more costly"))
+
+
+_declare_causal()
 
 
 # --- chapter 6 (the criteria compared) ---

@@ -41,6 +41,9 @@ from .progress import bar
 from .train import get_device, seed_everything
 
 PAPER = reference.CLASS_FILTERS
+# The public code's retraining: batch 64, random shifts and flips (whole network).
+RETRAIN_BATCH_SIZE = 64
+RETRAIN_AUGMENT = True
 
 
 # --- Algorithm 1 --------------------------------------------------------------------------------------
@@ -892,13 +895,13 @@ def retraining(S: Setup) -> Retraining:
     passes, in both recipes (and, with ``retrain_control``, the control on the first seed); every
     accuracy on the same test images. Claim 3 is the whole-network recipe's accuracy minus A_f."""
     P = S.P
-    cfg = network_config(P.retrain_epochs, P.retrain_lr, P.retrain_batch_size, P.retrain_augment, P.threads)
+    cfg = network_config(P.retrain_epochs, P.retrain_lr, RETRAIN_BATCH_SIZE, RETRAIN_AUGMENT, P.threads)
     full = S.full()
     out = {k: [] for k in ("before", "head", "network") + (("control",) if P.retrain_control else ())}
     for dr in S.draws:
         head = DecomposedLinear(S.fc, dr.sets(P.k1, P.k2, S.n_classes))
         out["before"].append(S.correct(head))
-        trained, _ = retrain(head, dr.features, dr.split.y, P.retrain_epochs, P.retrain_lr, P.retrain_batch_size,
+        trained, _ = retrain(head, dr.features, dr.split.y, P.retrain_epochs, P.retrain_lr, RETRAIN_BATCH_SIZE,
                              dr.seed, P.threads)
         out["head"].append(S.correct(trained))
         for key, start in (("network", head), ("control", S.fc)):
@@ -915,8 +918,8 @@ def retraining(S: Setup) -> Retraining:
         est["control"] = first.estimate(gap, {"a": correct_["control"], "b": full})
         est["network_vs_control"] = first.estimate(gap, {"a": correct_["network"][:1], "b": correct_["control"]})
     n = len(S.draws[0].split)
-    return Retraining(P.k1, P.k2, P.retrain_epochs * steps_per_epoch(n, P.retrain_batch_size), P.retrain_epochs,
-                      P.retrain_batch_size, P.retrain_lr, P.retrain_augment, n, {**correct_, "full": full}, est,
+    return Retraining(P.k1, P.k2, P.retrain_epochs * steps_per_epoch(n, RETRAIN_BATCH_SIZE), P.retrain_epochs,
+                      RETRAIN_BATCH_SIZE, P.retrain_lr, RETRAIN_AUGMENT, n, {**correct_, "full": full}, est,
                       [dr.seed for dr in S.draws])
 
 
@@ -990,11 +993,11 @@ def depth_recipe(P, depth: int) -> train.Recipe:
 
 def depth_study(S: Setup) -> Depth:
     """Train (or load) a ResNet per depth and seed of ``depth_seeds``, decompose each at (k1, k2) with
-    Algorithm 1 on ``depth_feature_images`` training images, and measure r_A on the same
-    ``depth_test_images`` test images for all."""
+    Algorithm 1 on ``depth_images`` training images, and measure r_A on the same ``depth_images`` test
+    images for all."""
     P = S.P
-    feats_split = S.baseline.train.subset(P.depth_feature_images, P.network_seed)
-    test = S.test.subset(P.depth_test_images, P.network_seed)
+    feats_split = S.baseline.train.subset(P.depth_images, P.network_seed)
+    test = S.test.subset(P.depth_images, P.network_seed)
     rows, dec, full = [], {}, {}
     for depth in P.depths:
         r = depth_recipe(P, depth)

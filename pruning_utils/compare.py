@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import baselines, criteria, dissect, merging, prune, train
+from . import baselines, claims, criteria, dissect, merging, prune, train
 from . import causal, class_filters, trees  # noqa: F401  (they register 'causal', 'class_usage', 'gain')
 from . import data as data_mod
 from .params import ParameterError
@@ -80,35 +80,10 @@ class Setting:
 # Statistics: intervals over seeds and test images together
 
 
-def crossed(values: np.ndarray, level: float = 0.95):
-    """Mean of per-(seed, image) values (S, N) with an interval that counts both sources of variance:
-    SE^2 = var(seed means) / S + var(image means) / N (seeds and test images crossed; slightly
-    conservative), Student's t with Welch-Satterthwaite degrees of freedom (:class:`claims.Estimate`)."""
-    from scipy.stats import t
-
-    from .claims import Estimate
-
-    v = np.asarray(values, dtype=float)
-    if v.ndim != 2 or v.size == 0 or not np.isfinite(v).all():
-        raise ValueError(f"crossed needs a finite (seeds, images) array; got shape {v.shape}")
-    s, n = v.shape
-    mean = float(v.mean())
-    a = v.mean(1).var(ddof=1) / s if s > 1 else 0.0
-    b = v.mean(0).var(ddof=1) / n if n > 1 else 0.0
-    se2 = a + b
-    if se2 == 0:
-        return Estimate(mean, mean, mean, s, f"{s} seeds x {n} test images")
-    df = se2 ** 2 / ((a * a / (s - 1) if s > 1 else 0.0) + (b * b / (n - 1) if n > 1 else 0.0))
-    half = float(t.ppf(0.5 + level / 2, df) * math.sqrt(se2))
-    return Estimate(mean, mean - half, mean + half, s, f"{s} seeds x {n} test images")
-
-
-def paired(correct_a: np.ndarray, correct_b: np.ndarray, level: float = 0.95):
-    """Accuracy difference a - b on the same seeds and test images (S, N), with :func:`crossed`."""
-    a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired needs the same seeds and images: {a.shape} vs {b.shape}")
-    return crossed(a - b, level)
+# One implementation of the crossed interval serves every chapter: claims.Estimate.crossed (per-(seed, image)
+# values) and claims.Estimate.paired_crossed (the same for paired differences).
+crossed = claims.Estimate.crossed
+paired = claims.Estimate.paired_crossed
 
 
 def mean_ranks(acc: Mapping[str, Sequence[float]]) -> dict[str, float]:
@@ -701,8 +676,6 @@ def merged_anywhere(runs: Runs, key: str, target: float, alloc: str) -> bool:
 def decide_claims(runs: Runs) -> list:
     """The chapter's claims decided on ``runs`` by the rules declared in :mod:`claims` (each over seeds
     and test images, parts per setting, target, allocation, budget or criterion as declared)."""
-    from . import claims
-
     budgets = sorted(int(b) for b in runs.rows.budget.unique())
     top = budgets[-1]
     nets = list(_cells(runs))
@@ -865,6 +838,9 @@ class Comparison:
             for b, suffix in ((0, "b0"), (top, "btop")):
                 gain = _merge_gain(self.runs, key, t, a, b) if merged else None
                 out[f"{tag}_merge_gain_{suffix}"] = float(gain.mean()) if gain is not None else float("nan")
+        beats = next(r for r in decide_claims(self.runs) if r.claim.key == "cmp-beats-random")
+        losers = [k for k, v in beats.part_verdicts.items() if v.value == "does not hold"]
+        out["below_random"] = ", ".join(losers) if losers else "none"
         for key, lat in self.latency.items():
             tag = _tag(key)
             uni = lat.xs("uniform", level="allocation") if "uniform" in lat.index.get_level_values(1) else lat

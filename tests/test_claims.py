@@ -6,6 +6,7 @@ import math
 import nbformat
 import numpy as np
 import pytest
+from scipy.stats import t as student
 
 from pruning_utils import claims, glued
 from pruning_utils.claims import Above, Below, Between, Estimate, Verdict, combine
@@ -149,3 +150,49 @@ def test_every_declared_claim_names_a_chapter_and_a_rule():
         assert c.chapter in presets.NOTEBOOKS, f"{c.key}: unknown chapter {c.chapter}"
         assert c.section and c.statement and c.paper and c.measure
         assert isinstance(c.rule, (Above, Below, Between))
+
+
+def test_crossed_interval_counts_seeds_and_images():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 2, 400).astype(float)
+    same = np.stack([images, images, images])  # three seeds that agree: only the image term remains
+    e = Estimate.crossed(same)
+    se = images.std(ddof=1) / np.sqrt(400)
+    assert e.mean == pytest.approx(images.mean()) and (e.hi - e.mean) == pytest.approx(1.966 * se, rel=1e-2)
+    spread = same + np.array([[0.1], [0.0], [-0.1]])  # seeds that disagree widen it
+    wide = Estimate.crossed(spread)
+    se2 = spread.mean(1).var(ddof=1) / 3 + spread.mean(0).var(ddof=1) / 400
+    ratio = (wide.hi - wide.mean) / np.sqrt(se2)  # Student's t between df = 2 (4.30) and infinity (1.96)
+    assert 1.96 < ratio < 4.31 and (wide.hi - wide.lo) > 4 * (e.hi - e.lo)
+    a = np.ones((3, 50))
+    assert Estimate.paired_crossed(a, a).text(".2f") == "0.00 ± 0.00 (n = 3)"
+    with pytest.raises(ValueError, match="same seeds and images"):
+        Estimate.paired_crossed(a, a[:, :10])
+    with pytest.raises(ValueError, match="finite"):
+        Estimate.crossed(np.array([[np.nan, 1.0]]))
+
+
+def test_crossed_reduces_to_the_t_interval_of_each_source_alone():
+    seeds_only = np.repeat(np.array([[0.6], [0.7], [0.9]]), 50, axis=1)  # images identical within a seed
+    e = Estimate.crossed(seeds_only)
+    ref = Estimate.over_seeds([0.6, 0.7, 0.9])
+    assert e.mean == pytest.approx(ref.mean) and e.lo == pytest.approx(ref.lo) and e.hi == pytest.approx(ref.hi)
+    images_only = np.tile(np.arange(40) % 2, (3, 1)).astype(float)  # seeds identical
+    e = Estimate.crossed(images_only)
+    v = images_only[0]
+    half = student.ppf(0.975, 39) * v.std(ddof=1) / np.sqrt(40)
+    assert e.mean == pytest.approx(0.5) and e.hi - e.mean == pytest.approx(half)
+    assert Estimate.crossed(np.ones((3, 10))).lo == 1.0  # no variance, no width
+    with pytest.raises(ValueError, match="finite"):
+        Estimate.crossed(np.array([[np.nan, 1.0]]))
+
+
+def test_paired_is_the_crossed_interval_of_the_differences():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 200)) < 0.8, rng.random((3, 200)) < 0.6
+    d = Estimate.paired_crossed(a, b)
+    ref = Estimate.crossed(a.astype(float) - b)
+    assert (d.mean, d.lo, d.hi) == (ref.mean, ref.lo, ref.hi) and d.lo > 0
+    assert Estimate.paired_crossed(b, a).mean == pytest.approx(-d.mean)
+    with pytest.raises(ValueError, match="same seeds and images"):
+        Estimate.paired_crossed(a, b[:2])

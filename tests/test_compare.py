@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.stats import t as student
 
 from pruning_utils import claims, compare, criteria, models, prune, runtime
 from pruning_utils import data as data_mod
@@ -44,33 +43,7 @@ def _setting(kind="lenet", scope="network", targets=(2.0,), allocations=("unifor
                            ft, te.x[:1], compare._chains(model, te.x[:1], groups))
 
 
-# --- statistics --------------------------------------------------------------------------------------
-
-def test_crossed_reduces_to_the_t_interval_of_each_source_alone():
-    seeds_only = np.repeat(np.array([[0.6], [0.7], [0.9]]), 50, axis=1)  # images identical within a seed
-    e = compare.crossed(seeds_only)
-    ref = claims.Estimate.over_seeds([0.6, 0.7, 0.9])
-    assert e.mean == pytest.approx(ref.mean) and e.lo == pytest.approx(ref.lo) and e.hi == pytest.approx(ref.hi)
-    images_only = np.tile(np.arange(40) % 2, (3, 1)).astype(float)  # seeds identical
-    e = compare.crossed(images_only)
-    v = images_only[0]
-    half = student.ppf(0.975, 39) * v.std(ddof=1) / np.sqrt(40)
-    assert e.mean == pytest.approx(0.5) and e.hi - e.mean == pytest.approx(half)
-    assert compare.crossed(np.ones((3, 10))).lo == 1.0  # no variance, no width
-    with pytest.raises(ValueError, match="finite"):
-        compare.crossed(np.array([[np.nan, 1.0]]))
-
-
-def test_paired_is_the_crossed_interval_of_the_differences():
-    rng = np.random.default_rng(0)
-    a, b = rng.random((3, 200)) < 0.8, rng.random((3, 200)) < 0.6
-    d = compare.paired(a, b)
-    ref = compare.crossed(a.astype(float) - b)
-    assert (d.mean, d.lo, d.hi) == (ref.mean, ref.lo, ref.hi) and d.lo > 0
-    assert compare.paired(b, a).mean == pytest.approx(-d.mean)
-    with pytest.raises(ValueError, match="same seeds and images"):
-        compare.paired(a, b[:2])
-
+# --- ranks --------------------------------------------------------------------------------------
 
 def test_mean_ranks_by_hand():
     ranks = compare.mean_ranks({"a": [0.9, 0.8], "b": [0.7, 0.8], "c": [0.5, 0.6]})
