@@ -479,7 +479,8 @@ class Setup:
                 "d": self.d, "n_classes": self.n_classes, "a_full": float(self.full().mean()),
                 "feat_min": float(min(float(dr.features.min()) for dr in self.draws)),
                 "resnet_epochs": r.config.epochs, "n_seeds": len(self.draws), "network_seed": self.baseline.seed,
-                "seed_list": ", ".join(str(dr.seed) for dr in self.draws), "n_boot": self.boot.n_boot}
+                "seed_list": ", ".join(str(dr.seed) for dr in self.draws), "n_boot": self.boot.n_boot,
+                "random_seeds": self.P.random_seeds}
 
 
 def setup(P) -> Setup:

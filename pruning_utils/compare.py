@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -425,6 +426,9 @@ def cell(runs: Runs, setting: str, target: float, allocation: str, budget: int,
     r = r[(r.setting == setting) & (r.target == target) & (r.allocation == allocation) & (r.budget == budget)
           & (r.method == method)].sort_values("seed")
     return {c: np.stack(g["correct"].to_list()) for c, g in r.groupby("criterion", sort=False)}
+
+
+PROSE_SPEEDUPS = (2, 4)  # the targets the chapter's prose names (times fewer MACs)
 
 
 def _tag(key: str) -> str:
@@ -838,6 +842,9 @@ class Comparison:
             for b, suffix in ((0, "b0"), (top, "btop")):
                 gain = _merge_gain(self.runs, key, t, a, b) if merged else None
                 out[f"{tag}_merge_gain_{suffix}"] = float(gain.mean()) if gain is not None else float("nan")
+        for key in self.runs.settings:  # the prose names 2x and 4x: say so where this run has no such target
+            for a, t, suffix in itertools.product(("uniform", "global"), PROSE_SPEEDUPS, ("b0", "btop")):
+                out.setdefault(f"{_tag(key)}_{a}_{t:g}x_{suffix}", "not run (not among this run's targets)")
         beats = next(r for r in decide_claims(self.runs) if r.claim.key == "cmp-beats-random")
         losers = [k for k, v in beats.part_verdicts.items() if v.value == "does not hold"]
         out["below_random"] = ", ".join(losers) if losers else "none"

@@ -10,6 +10,7 @@ import nbformat
 import papermill as pm
 import pytest
 
+from pruning_utils import glued
 from pruning_utils.chapters import ROOT, chapter_paths, run_chapter
 
 CHAPTERS = chapter_paths()
@@ -54,6 +55,11 @@ def test_chapter_runs_at_smoke_size(path):
               if o.get("output_type") == "error"]
     assert errors == []
     assert any("NBVAL_CHECK_OUTPUT" in c.source for c in executed.cells), "no cell of key numbers for nbval"
+    # every number and figure the prose names was glued by the run (else the HTML build warns, or worse)
+    prose = "\n".join(c.source for c in executed.cells if c.cell_type == "markdown")
+    wanted = set(re.findall(r"\{glue(?::\w+)?\}`([^`:<]+)", prose)) | set(re.findall(r"\{glue:figure\} (\S+)", prose))
+    missing = wanted - set(glued.read(SMOKE_DIR / path.name, figures=True))
+    assert not missing, f"the prose names numbers the run did not glue: {sorted(missing)}"
 
 
 # A chapter that trains what it needs, run again on an EMPTY checkpoint cache: its glued numbers must equal
