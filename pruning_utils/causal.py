@@ -991,7 +991,8 @@ class Regularisation:
     def estimate(self):
         from .claims import Estimate
 
-        return Estimate.paired_images(self.pruned, self.unpruned)
+        # seeds (fine-tuning images and order) and test images crossed: one seed leaves the image term only
+        return Estimate.paired_crossed(np.atleast_2d(self.pruned), np.atleast_2d(self.unpruned))
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame({"test accuracy": {

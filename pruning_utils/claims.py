@@ -704,8 +704,8 @@ CAUSAL_RIGHT = 0.8  # claim causal-3-refuters: at least 80% of the estimates tha
 
 def _declare_causal() -> None:
     where = ("05_causal_pruning", "causal-claims")
-    after = ("test accuracy after fine-tuning, causal minus the other criterion, averaged over seeds, paired "
-             "on the test images")
+    after = ("test accuracy after fine-tuning, causal minus the other criterion, paired on the same seeds and "
+             "test images (interval: seeds and images crossed)")
     declare("causal-1", *where, "Causal (interventional) importance of filters prunes better than the usual "
             "cheap criteria, after the same fine-tuning", "expected (Sec. III), no number", after,
             Above(0.0, "causal is better"), parts="cheap criterion")
@@ -736,7 +736,7 @@ def _declare_causal() -> None:
             Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
     declare("causal-5", *where, "Pruning regularises: a lightly pruned network generalises better", "expected "
             "(Sec. II), no number", "test accuracy of lightly pruned and fine-tuned LeNet5 minus the unpruned "
-            "one fine-tuned the same way, averaged over seeds, paired on the test images",
+            "one fine-tuned the same way, paired on the same seeds and test images (crossed interval)",
             Above(0.0, "the pruned one is better"))
     declare("causal-6", *where, "The causal view costs more computation than the cheap criteria",
             "listed as a risk (Sec. IV)", "CPU seconds to score the filters by interventions over seconds by "

@@ -612,10 +612,20 @@ def seconds_table(runs: Runs) -> pd.DataFrame:
 
 
 def applicability(runs: Runs) -> pd.DataFrame:
-    """Which criterion ran in which setting, and why not where it did not."""
+    """Which criterion ran in which setting, and why not where it did not (the reason in full)."""
     names = sorted({c for _, c in runs.skipped} | set(runs.rows.criterion.unique()))
     out = {k: {c: runs.skipped.get((k, c), "ran") for c in names} for k in runs.settings}
     return pd.DataFrame(out)
+
+
+def applicability_display(runs: Runs):
+    """:func:`applicability` for the page: each reason once, numbered under the table, and 'no (n)' in
+    its cells, so that no reason is cut and the table stays narrow."""
+    table = applicability(runs)
+    reasons = sorted({v for v in table.to_numpy().ravel() if v != "ran"})
+    short = table.map(lambda v: v if v == "ran" else f"no ({reasons.index(v) + 1})")
+    notes = pd.DataFrame({"why not": reasons}, index=pd.RangeIndex(1, len(reasons) + 1, name="no"))
+    return short, notes.style.set_properties(**{"text-align": "left", "white-space": "normal"})
 
 
 def latency_table(runs: Runs, setting: str, repeats: int = 10, block: int | None = None,
@@ -750,9 +760,9 @@ class Comparison:
                          "merge-able groups": len(s.chains)}
         return pd.DataFrame(rows).T
 
-    def applicability(self) -> pd.DataFrame:
-        """:func:`applicability` of the runs."""
-        return applicability(self.runs)
+    def applicability(self):
+        """:func:`applicability_display` of the runs: the table and its numbered reasons."""
+        return applicability_display(self.runs)
 
     def seconds(self):
         """:func:`seconds_table`, formatted."""
@@ -761,7 +771,7 @@ class Comparison:
     def rankings(self, setting: str, allocation: str, method: str = "prune"):
         """:func:`ranking_table`, styled for the page."""
         return ranking_table(self.runs, setting, allocation, method).style.set_properties(
-            **{"white-space": "nowrap", "text-align": "right"})
+            **{"white-space": "normal", "text-align": "right", "font-size": "0.85em"})
 
     def tables(self, network: str, method: str = "prune") -> dict:
         """The ranking tables of every setting of ``network`` ('lenet5', 'resnet20', 'resnet8'), one per

@@ -205,6 +205,9 @@ def test_a_setting_can_leave_costly_criteria_out():
     assert set(runs.rows.criterion) == {"l1", "random"}
     assert "left out" in runs.skipped[(s.key, "taylor")]
     assert compare.applicability(runs).loc["taylor", s.key].startswith("left out")
+    short, notes = compare.applicability_display(runs)
+    assert short.loc["taylor", s.key] == "no (1)" and short.loc["l1", s.key] == "ran"
+    assert notes.data.loc[1, "why not"] == runs.skipped[(s.key, "taylor")]  # the reason whole, once
 
 
 def test_rank_correlation_is_spearman_and_leaves_a_constant_row_out():

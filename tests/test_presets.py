@@ -61,3 +61,11 @@ def test_start_stops_on_an_unknown_name_and_names_the_closest():
         presets.start("baselines", {k: v for k, v in _namespace().items() if k != "size"})
     with pytest.raises(ParameterError, match="chapter='nope' is not allowed"):
         presets.start("nope", _namespace())
+
+
+def test_parameter_table_shows_long_values_whole():
+    from pruning_utils import presets
+
+    P = presets.chapter_params("causal_pruning", "default")
+    html = presets.table(P).to_html()
+    assert ", ".join(P.resnet_blocks) in html and "..." not in html
