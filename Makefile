@@ -12,12 +12,20 @@ FORCE ?=
 MATHJAX_VERSION := 3.2.2
 MATHJAX := _assets/mathjax/tex-chtml.js
 
-.PHONY: book test setup data chapters html chapter clean
+.PHONY: book test test-units test-chapters setup data chapters html chapter clean
 
 book: setup data chapters html  ## execute every chapter at its default size and build the HTML
 
+# Two streams side by side (one per core), each one's output printed whole when it ends: the unit tests,
+# and the chapters at smoke size followed by nbval on the executed copies.
 test: setup data  ## unit tests, every chapter at smoke size (papermill), then nbval on the executed copies
-	$(PY) -m pytest tests
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-units test-chapters
+
+test-units:
+	$(PY) -m pytest -p no:cacheprovider --durations=10 tests --ignore=tests/test_notebooks.py
+
+test-chapters:
+	$(PY) -m pytest -p no:cacheprovider --durations=10 tests/test_notebooks.py
 	$(PY) -m pytest --nbval-lax -p no:cacheprovider build/smoke
 
 setup: $(STAMP)
