@@ -278,6 +278,7 @@ class Claim:
     measure: str
     rule: Rule
     parts: str = ""  # for claims made of parts ("every layer"): what a part is; the rule applies to each
+    timed: bool = False  # decided on a measured time: its number moves with the machine's load, not its verdict
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ class Result:
         c = self.claim
         return {"key": c.key, "chapter": c.chapter, "section": c.section, "statement": c.statement,
                 "paper": c.paper, "measure": c.measure, "rule": c.rule.describe(), "parts_are": c.parts,
+                "timed": c.timed,
                 "verdict": self.verdict.value, "ours": self.ours(), "note": self.note,
                 "estimate": self.estimate.to_dict() if self.estimate is not None else None,
                 "parts": {k: {**e.to_dict(), "verdict": self.part_verdicts.get(k, Verdict.UNTESTABLE).value}
@@ -315,11 +317,11 @@ CLAIMS: dict[str, Claim] = {}
 
 
 def declare(key: str, chapter: str, section: str, statement: str, paper: str, measure: str, rule: Rule,
-            parts: str = "") -> Claim:
-    """Add a claim to the registry (each key once)."""
+            parts: str = "", timed: bool = False) -> Claim:
+    """Add a claim to the registry (each key once); ``timed`` for one decided on a measured time."""
     if key in CLAIMS:
         raise ValueError(f"claim {key!r} is declared twice")
-    CLAIMS[key] = Claim(key, chapter, section, statement, paper, measure, rule, parts)
+    CLAIMS[key] = Claim(key, chapter, section, statement, paper, measure, rule, parts, timed)
     return CLAIMS[key]
 
 
@@ -727,20 +729,21 @@ def _declare_causal() -> None:
             Above(CAUSAL_RIGHT, f"at least {CAUSAL_RIGHT:.0%} right"))
     declare("causal-4a", *where, "Structured pruning gives measured speed-ups on a CPU", "expected (vs "
             "unstructured sparsity), no number", "latency reduction at batch 64 of the most pruned network, "
-            "median over timing rounds", Above(CAUSAL_SPEEDUP, f"more than {CAUSAL_SPEEDUP:.0%} faster"))
+            "median over timing rounds", Above(CAUSAL_SPEEDUP, f"more than {CAUSAL_SPEEDUP:.0%} faster"),
+            timed=True)
     declare("causal-4b", *where, "The speed-up follows the MAC reduction, at batch 64", "implied (FLOPs as "
             "the proxy of cost)", "latency drop / MAC drop at batch 64, the most pruned network",
-            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"), timed=True)
     declare("causal-4c", *where, "The speed-up follows the MAC reduction, at batch 1", "implied",
             "latency drop / MAC drop at batch 1, the most pruned network",
-            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"))
+            Above(CAUSAL_FOLLOWS, f"at least {CAUSAL_FOLLOWS} of the MAC drop"), timed=True)
     declare("causal-5", *where, "Pruning regularises: a lightly pruned network generalises better", "expected "
             "(Sec. II), no number", "test accuracy of lightly pruned and fine-tuned LeNet5 minus the unpruned "
             "one fine-tuned the same way, paired on the same seeds and test images (crossed interval)",
             Above(0.0, "the pruned one is better"))
     declare("causal-6", *where, "The causal view costs more computation than the cheap criteria",
             "listed as a risk (Sec. IV)", "CPU seconds to score the filters by interventions over seconds by "
-            "Taylor, per seed", Above(1.0, "more costly"))
+            "Taylor, per seed", Above(1.0, "more costly"), timed=True)
 
 
 _declare_causal()

@@ -55,6 +55,11 @@ def configure(threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    # Pools loaded later (scipy's and scikit-learn's own OpenBLAS and OpenMP, when DoWhy or a regression first
+    # imports them) read these at start-up; threadpoolctl caps those already loaded. Without both, a BLAS
+    # pool sized by the machine's core count moved DoWhy's estimates in the last digits.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - scikit-learn depends on it

@@ -196,3 +196,25 @@ def test_paired_is_the_crossed_interval_of_the_differences():
     assert Estimate.paired_crossed(b, a).mean == pytest.approx(-d.mean)
     with pytest.raises(ValueError, match="same seeds and images"):
         Estimate.paired_crossed(a, b[:2])
+
+
+def test_glued_diff_sets_aside_the_numbers_of_timed_claims_only(registry, tmp_path):
+    claims.declare("t.fast", "99_test", "t-claims", "pruning is faster", "", "latency drop", Above(0.1),
+                   timed=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+
+    def build(where, fast, acc):
+        nan = Estimate(math.nan, math.nan, math.nan, 0, "not measured")
+        results = [claims.decide("t.fast", est(*fast)), claims.decide("t.acc", est(*acc)),
+                   claims.decide("t.gain", {"conv1": nan})]
+        _executed_chapter(where / "99_test.ipynb", results)
+
+    build(a, (0.30, 0.32), (0.985, 0.99))
+    build(b, (0.40, 0.42), (0.985, 0.99))  # another load: other latencies, the same verdict, NaN == NaN
+    assert glued.diff(a, b, ignore=glued.TIMING) == []
+    assert len(glued.diff(a, b)) == 1  # with the timings, they differ
+    build(b, (0.05, 0.08), (0.985, 0.99))  # a timed verdict that flips is a difference
+    assert len(glued.diff(a, b, ignore=glued.TIMING)) == 1
+    build(b, (0.30, 0.32), (0.985, 0.991))  # any result number that moves is a difference
+    assert len(glued.diff(a, b, ignore=glued.TIMING)) == 1

@@ -124,3 +124,17 @@ def test_channels_last_training_avoids_the_onednn_hang():
             " device='cpu', progress=False)\nprint(len(h['loss']))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-500:]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_maths_pool_has_the_configured_threads_even_those_loaded_later(threads):
+    """scipy's and scikit-learn's own OpenBLAS / OpenMP load when DoWhy or a regression first needs them,
+    after the chapter configured its threads; they must not size themselves by the machine's cores (a
+    fresh process, since a pool keeps the size it started with)."""
+    code = ("from pruning_utils import runtime\n"
+            f"runtime.configure({threads})\n"
+            "import scipy.linalg, sklearn.linear_model, statsmodels.api, threadpoolctl\n"
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip().splitlines()[-1] == f"[{threads}]"
