@@ -157,3 +157,19 @@ def test_normalise_drops_what_differs_between_runs_and_keeps_results(tmp_path):
     assert outs[0].text.strip() == "UserWarning: a warning the reader may need"  # the bar went, the warning stayed
     assert 'id="T_t0000"' in outs[1].data["text/html"] and "#T_t0000_row0_col0" in outs[1].data["text/html"]
     assert nb.metadata.papermill == {"parameters": {"a": 1}}
+
+
+def test_data_fingerprint_does_not_change_when_the_data_folder_is_created_empty(tmp_path, monkeypatch):
+    """A cold build creates the data folder (chapter 2's scenes) while it runs: chapters keyed before and
+    after must get the same key, or the next build re-executes them."""
+    from pruning_utils import data as data_mod
+
+    root = tmp_path / "data"
+    monkeypatch.setattr(data_mod, "data_root", lambda: root)
+    before = chapters.data_fingerprint()
+    (root / "synthetic_broden" / "scenes").mkdir(parents=True)
+    (root / "synthetic_broden" / "scenes" / "x.npz").write_bytes(b"generated")
+    assert chapters.data_fingerprint() == before
+    (root / "MNIST").mkdir()
+    (root / "MNIST" / "train.gz").write_bytes(b"downloaded")
+    assert chapters.data_fingerprint() != before  # a download is data
