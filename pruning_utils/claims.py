@@ -182,47 +182,41 @@ def _untestable_or_none(est: Estimate | None) -> Verdict | None:
 
 
 @dataclass(frozen=True)
-class Above(Rule):
-    """Holds when the whole interval lies above ``threshold``; does not hold when it lies wholly at or
-    below; inconclusive when it straddles. ``what`` names the threshold in words."""
+class _OneSided(Rule):
+    """A threshold and a side: holds when the whole interval lies on that side, does not hold when it lies
+    wholly on the other (the threshold itself counts as the other side), inconclusive when it straddles.
+    ``what`` names the threshold in words."""
 
     threshold: float
     what: str = ""
+    SIDE = "above"  # or "below"
 
     def decide(self, est):
         early = _untestable_or_none(est)
         if early is not None:
             return early
-        if est.lo > self.threshold:
+        sign = 1.0 if self.SIDE == "above" else -1.0  # "below t" is "above -t" for the negated interval
+        near, far, t = sorted((sign * est.lo, sign * est.hi)) + [sign * self.threshold]
+        if near > t:
             return Verdict.HOLDS
-        if est.hi <= self.threshold:
+        if far <= t:
             return Verdict.DOES_NOT_HOLD
         return Verdict.INCONCLUSIVE
 
     def describe(self):
-        return f"interval above {self.threshold:g}" + (f" ({self.what})" if self.what else "")
+        return f"interval {self.SIDE} {self.threshold:g}" + (f" ({self.what})" if self.what else "")
 
 
-@dataclass(frozen=True)
-class Below(Rule):
-    """Holds when the whole interval lies below ``threshold``; does not hold when it lies wholly at or
-    above; inconclusive when it straddles."""
+class Above(_OneSided):
+    """Holds when the whole interval lies above ``threshold`` (see :class:`_OneSided`)."""
 
-    threshold: float
-    what: str = ""
+    SIDE = "above"
 
-    def decide(self, est):
-        early = _untestable_or_none(est)
-        if early is not None:
-            return early
-        if est.hi < self.threshold:
-            return Verdict.HOLDS
-        if est.lo >= self.threshold:
-            return Verdict.DOES_NOT_HOLD
-        return Verdict.INCONCLUSIVE
 
-    def describe(self):
-        return f"interval below {self.threshold:g}" + (f" ({self.what})" if self.what else "")
+class Below(_OneSided):
+    """Holds when the whole interval lies below ``threshold`` (see :class:`_OneSided`)."""
+
+    SIDE = "below"
 
 
 @dataclass(frozen=True)
