@@ -26,7 +26,7 @@ DECISION_TREES = {
 }
 
 # Paper 002 (chapter 3). ResNet-20 on CIFAR-10 (Sec. 5.2.1 and 5.2.3); A_f is 91.17 in Sec. 5.2.1 and 91.71 in
-# Sec. 5.2.3; the retraining range 91.3-91.6 is REFERENCE.md's, the paper's text gives 91.51.
+# Sec. 5.2.3; after retraining the paper's text gives 91.51.
 CLASS_FILTERS = {
     "A_f": (0.9117, 0.9171),
     "A_d_k2_3": 0.8416,  # k2 = 3, Sec. 5.2.1 (against A_f 91.17)
@@ -51,7 +51,7 @@ CLASS_FILTERS_IMAGENET = {
 }
 
 # Paper 004 is a proposal and reports no numbers. Chapter 5 sets ours beside the nearest published ones
-# (REFERENCE.md, section 5 and "Tools with the same job").
+# (CexCNN, Debbi 2021; Torch-Pruning's DepGraph results, Fang et al. 2023).
 CAUSAL_PRUNING = {
     "cexcnn": {"model": "LeNet with 20 and 50 conv filters, MNIST", "base_acc": 0.9933,
                "kept": {"conv1": (7, 20), "conv2": (22, 50)}, "acc_no_finetune": 0.9414,
@@ -62,7 +62,7 @@ CAUSAL_PRUNING = {
 }
 
 # Chapter 4, paper 003: Kim et al. (2020), Table 1 and its reference code, as the reproducibility report
-# (Cserkuti et al. 2021) and REFERENCE.md section 4 give them. Accuracies as fractions.
+# (Cserkuti et al. 2021) gives them. Accuracies as fractions.
 NEURON_MERGING = {
     "lenet300100_acc": 0.8980,
     "lenet300100_l1": {0.5: {"prune": 0.8840, "merge": 0.8869}, 0.6: {"prune": 0.8517, "merge": 0.8692},
