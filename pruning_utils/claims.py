@@ -195,11 +195,13 @@ class _OneSided(Rule):
         early = _untestable_or_none(est)
         if early is not None:
             return early
-        sign = 1.0 if self.SIDE == "above" else -1.0  # "below t" is "above -t" for the negated interval
-        near, far, t = sorted((sign * est.lo, sign * est.hi)) + [sign * self.threshold]
-        if near > t:
+        if self.SIDE == "above":
+            lo, hi, t = est.lo, est.hi, self.threshold
+        else:  # "below t" is "above -t" for the negated interval
+            lo, hi, t = -est.hi, -est.lo, -self.threshold
+        if lo > t:
             return Verdict.HOLDS
-        if far <= t:
+        if hi <= t:
             return Verdict.DOES_NOT_HOLD
         return Verdict.INCONCLUSIVE
 
