@@ -239,14 +239,15 @@ def _read_deps(log: Path) -> list[dict]:
 
 
 def store(stem: str, key: str, parts: dict, executed: Path, seconds: float, deps: list[dict],
-          cache: Path) -> Path:
+          cache: Path, slowest: list[dict] | None = None) -> Path:
     """Put an executed notebook into the cache (written to a temporary folder, then renamed)."""
     entry = cache / stem / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
     try:
         shutil.copyfile(executed, tmp / "notebook.ipynb")
-        meta = {"key": key, "stem": stem, "parts": parts, "seconds": seconds, "checkpoints": deps,
+        meta = {"key": key, "stem": stem, "parts": parts, "seconds": seconds, "slowest": slowest or [],
+                "checkpoints": deps,
                 "executed_at": time.strftime("%Y-%m-%d %H:%M:%S"), "notebook_sha256": file_hash(executed)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if entry.exists():
@@ -275,6 +276,24 @@ _VOLATILE = ("start_time", "end_time", "duration")
 _STYLER_ID = re.compile(r"\bT_([0-9a-f]{5})(?=[_\"\s{,])")  # pandas Styler's random table id
 _ADDRESS = re.compile(r" at 0x[0-9a-f]{6,16}>")  # memory addresses in reprs
 _PROGRESS = re.compile(r"\d+/\d+ \[[\d:]+<")  # a progress bar's redraw (tqdm: "3/10 [00:01<00:02, ...")
+
+
+PROFILE_CELLS = 5  # the slowest code cells of each executed chapter, on the run-time page
+
+
+def cell_profile(path: Path, most: int = PROFILE_CELLS) -> list[dict]:
+    """The ``most`` slowest code cells of an executed notebook, from papermill's per-cell durations (read
+    before :func:`normalise` removes them): index, seconds and the cell's first line of code."""
+    import nbformat
+
+    rows = []
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        secs = cell.metadata.get("papermill", {}).get("duration")
+        if cell.get("cell_type") == "code" and isinstance(secs, (int, float)):
+            first = next((ln.strip() for ln in cell.source.splitlines()
+                          if ln.strip() and not ln.lstrip().startswith("#")), "")
+            rows.append({"cell": i, "seconds": round(float(secs), 1), "code": first[:80]})
+    return sorted(rows, key=lambda r: (-r["seconds"], r["cell"]))[:most]
 
 
 def normalise(path: Path) -> None:
@@ -339,6 +358,7 @@ class Run:
     cached: bool
     key: str = ""
     error: str = ""
+    slowest: list = field(default_factory=list)  # :func:`cell_profile` of the execution
 
 
 @contextlib.contextmanager
@@ -357,7 +377,8 @@ def _kernel_env(extra: dict[str, str]):
                     os.environ[k] = v
 
 
-def _execute(path: Path, out: Path, parameters: dict, deps_log: Path | None) -> float:
+def _execute(path: Path, out: Path, parameters: dict, deps_log: Path | None) -> tuple[float, list[dict]]:
+    """Execute with papermill; return the seconds taken and the slowest cells (:func:`cell_profile`)."""
     import papermill as pm
 
     env = {**runtime.fixed_env(), **_SCHEDULING_ENV}
@@ -365,22 +386,24 @@ def _execute(path: Path, out: Path, parameters: dict, deps_log: Path | None) -> 
         from .train import DEPS_LOG
 
         env[DEPS_LOG] = str(deps_log)
-    start = time.perf_counter()
+    start, slowest = time.perf_counter(), []
     with _kernel_env(env):
         try:
             pm.execute_notebook(str(path), str(out), parameters=parameters, kernel_name=KERNEL,
                                 cwd=str(ROOT), progress_bar=False)
         finally:
             with contextlib.suppress(Exception):
+                slowest = cell_profile(out)
+            with contextlib.suppress(Exception):
                 normalise(out)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, slowest
 
 
 def run_chapter(path: Path, out_dir: Path, size: str, extra: dict | None = None) -> float:
     """Execute one chapter with papermill at run ``size`` into ``out_dir`` (no cache); return seconds."""
     check_choice("size", size, SIZES)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _execute(Path(path), out_dir / Path(path).name, {"size": size, **(extra or {})}, None)
+    return _execute(Path(path), out_dir / Path(path).name, {"size": size, **(extra or {})}, None)[0]
 
 
 def execute(path: Path, out_dir: Path, parameters: dict, *, cache: Path | None = None,
@@ -399,16 +422,17 @@ def execute(path: Path, out_dir: Path, parameters: dict, *, cache: Path | None =
         stored = found.entry / "notebook.ipynb"
         if not (out.exists() and file_hash(out) == file_hash(stored)):  # untouched: HTML stays built
             shutil.copyfile(stored, out)
-        return Run(path.stem, str(out), float(found.meta.get("seconds", 0.0)), True, key)
+        return Run(path.stem, str(out), float(found.meta.get("seconds", 0.0)), True, key,
+                   slowest=list(found.meta.get("slowest", [])))
     fd, log = tempfile.mkstemp(prefix=f"deps-{path.stem}-", suffix=".jsonl")
     os.close(fd)
     try:
-        seconds = _execute(path, out, parameters, Path(log))
+        seconds, slowest = _execute(path, out, parameters, Path(log))
         with contextlib.suppress(OSError):
-            store(path.stem, key, parts, out, seconds, _read_deps(Path(log)), cache)
+            store(path.stem, key, parts, out, seconds, _read_deps(Path(log)), cache, slowest)
     finally:
         Path(log).unlink(missing_ok=True)
-    return Run(path.stem, str(out), seconds, False, key)
+    return Run(path.stem, str(out), seconds, False, key, slowest=slowest)
 
 
 def _execute_or_error(path: Path, out_dir: Path, parameters: dict, cache: Path, force: bool) -> Run:
@@ -518,6 +542,17 @@ def write_runtimes(out_dir: Path, size: str, runs: list[Run], wall: float | None
         how = "failed" if r.error else ("from the cache" if r.cached else "executed")
         lines.append(f"| {r.stem} | {r.seconds:.1f} | {how} |")
     lines.append("")
+    profiled = [r for r in runs if r.slowest]
+    if profiled:
+        lines += ["## Where the time goes", "",
+                  f"The {PROFILE_CELLS} slowest cells of each chapter's execution (papermill's per-cell "
+                  "times; cell numbers count from 0 in the notebook).", "",
+                  "| chapter | cell | seconds | first line |", "|---|---|---|---|"]
+        for r in profiled:
+            for c in r.slowest:
+                code = str(c.get("code", "")).replace("|", "\\|")
+                lines.append(f"| {r.stem} | {c.get('cell')} | {float(c.get('seconds', 0)):.1f} | `{code}` |")
+        lines.append("")
     if (executed or failed) and wall is not None:
         lines.append(f"This build executed {len(executed)} of {len(runs)} chapters in {wall:.0f} s of "
                      f"wall-clock time ({jobs} process{'es' if jobs > 1 else ''} side by side)"
