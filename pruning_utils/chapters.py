@@ -25,11 +25,13 @@ volatile metadata (papermill's and Jupyter's timestamps, absolute paths) removed
 deterministic chapter it equals what a fresh run gives. ``--force`` executes everything (and refreshes
 the cache). Output that measures time (latencies, progress bars) differs between any two runs.
 
-**Parallel chapters.** With ``--jobs N`` the chapters to execute run in ``N`` processes, longest first
-(by their last recorded time), chapter 0 first since the others read its models. A chapter that needs a
-model another one is still training waits for it (:func:`train.cache_lock`) instead of training it
-twice. Every chapter and recipe fixes its own thread count, so the parallelism changes the time taken,
-never a number.
+**Parallel chapters.** With ``--jobs N`` the chapters to execute run in ``N`` processes. Each free
+process takes the longest chapter whose producers (:data:`READS`) are done, or, when none is, the longest
+one left (it waits for what it reads; :func:`next_chapter`). Lengths are the last recorded times, or
+:data:`EXPECTED_SECONDS` before a chapter has any. A chapter that needs a model another one is still
+training waits for it (:func:`train.cache_lock`) instead of training it twice, so the order changes the
+time taken, never a result; and every chapter and recipe fixes its own thread count, so neither does
+the parallelism.
 """
 from __future__ import annotations
 
@@ -64,6 +66,22 @@ CACHE_FORMAT = 3  # bump when the stored layout or the normalisation changes
 # never a result.
 _SCHEDULING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _ENV_LOCK = threading.Lock()
+
+# Which chapters read another's checkpoints (the "checkpoints" a chapter's cache entry records): chapter
+# 0's baselines, and chapter 2's dense scene networks in chapter 6. Used to order a build, never for
+# correctness (a reader started early waits on the checkpoint's lock).
+READS: dict[str, tuple[str, ...]] = {
+    "01_decision_tree_pruning": ("00_baselines",),
+    "03_class_specific_filters": ("00_baselines",),
+    "04_neuron_merging": ("00_baselines",),
+    "05_causal_pruning": ("00_baselines",),
+    "06_comparing_criteria": ("00_baselines", "02_dissecting_pruned_networks"),
+}
+# Seconds of each chapter in a cold build at the default size on 2 cores, two side by side (the run-time
+# page of a cold `make book`): the order of a build before the cache has a time of its own.
+EXPECTED_SECONDS = {"00_baselines": 490, "01_decision_tree_pruning": 168, "02_dissecting_pruned_networks": 483,
+                    "03_class_specific_filters": 569, "04_neuron_merging": 193, "05_causal_pruning": 165,
+                    "06_comparing_criteria": 393}
 
 
 def chapter_paths(names: list[str] | None = None) -> list[Path]:
@@ -455,7 +473,7 @@ def error_text(err: BaseException) -> str:
 def build(paths: list[Path], out_dir: Path, size: str, *, jobs: int = 1, force: bool = False,
           cache: Path | None = None, log=print) -> list[Run]:
     """Bring ``out_dir`` up to date for ``paths`` at run ``size``: restore the chapters whose cache entry
-    holds, execute the others in ``jobs`` processes (chapter 0 first, then the longest first), and
+    holds, execute the others in ``jobs`` processes (in the order of :func:`next_chapter`), and
     retry the lookup of chapters whose checkpoints were missing once the others have run."""
     check_choice("size", size, SIZES)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -476,7 +494,8 @@ def build(paths: list[Path], out_dir: Path, size: str, *, jobs: int = 1, force: 
             todo.append(p)
             if found is not None:
                 log(f"{p.stem}: to execute" + (f" ({found.why})" if found.why else ""))
-    todo.sort(key=lambda p: (not p.stem.startswith("00_"), -last_seconds(p.stem, cache), p.stem))
+    seconds = {p.stem: last_seconds(p.stem, cache) or EXPECTED_SECONDS.get(p.stem, 0.0) for p in paths}
+    todo.sort(key=lambda p: (-seconds[p.stem], p.stem))
     for wave in (todo, later):
         if wave is later:  # the checkpoints they read may exist now
             again = [p for p in later if lookup(p.stem, chapter_key(p, params)[0], cache).state != "hit"]
@@ -490,11 +509,24 @@ def build(paths: list[Path], out_dir: Path, size: str, *, jobs: int = 1, force: 
     return [runs[p.stem] for p in paths]
 
 
+def next_chapter(waiting: list[str], unfinished: set[str], reads: dict[str, tuple[str, ...]] = READS) -> str:
+    """The chapter to start next: the first of ``waiting`` (ordered longest first) that reads nothing from
+    a chapter still ``unfinished`` (waiting or running); if every one does, the first of all (it waits for
+    what it reads, while the chapters it waits for run)."""
+    if not waiting:
+        raise ValueError("waiting=[] is not allowed; expected at least one chapter to start")
+    return next((s for s in waiting if not set(reads.get(s, ())) & (unfinished - {s})), waiting[0])
+
+
 def _run_all(paths, out_dir, params, cache, force, jobs, log):
-    if not paths:
+    """Execute ``paths`` (ordered longest first) in ``jobs`` processes, each free one taking
+    :func:`next_chapter`; yield each :class:`Run` as it ends."""
+    waiting = {p.stem: p for p in paths}
+    if not waiting:
         return
     if jobs == 1 or len(paths) == 1:
-        for p in paths:
+        while waiting:
+            p = waiting.pop(next_chapter(list(waiting), set(waiting)))
             log(f"{p.stem}: executing at size={params['size']} ...")
             run = _execute_or_error(p, out_dir, params, cache, force)
             log(_done(run))
@@ -502,14 +534,15 @@ def _run_all(paths, out_dir, params, cache, force, jobs, log):
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(jobs, len(paths)), mp_context=ctx) as pool:
-        pending = {}
-        for p in paths:
-            log(f"{p.stem}: queued for execution at size={params['size']}")
-            pending[pool.submit(_execute_or_error, p, out_dir, params, cache, force)] = p
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        running = {}
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                p = waiting.pop(next_chapter(list(waiting), set(waiting) | set(running.values())))
+                log(f"{p.stem}: executing at size={params['size']} ...")
+                running[pool.submit(_execute_or_error, p, out_dir, params, cache, force)] = p.stem
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                pending.pop(future)
+                running.pop(future)
                 run = future.result()
                 log(_done(run))
                 yield run

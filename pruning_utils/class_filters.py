@@ -61,9 +61,9 @@ def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
     if not hasattr(model, "features"):
         raise ParameterError(f"model={type(model).__name__} has no .features(x); expected a CifarResNet")
     dev = get_device(device) if isinstance(device, str) else device
-    model.eval().to(dev)
-    chunks = [model.features(x[i:i + batch_size].to(dev)).cpu()
-              for i in bar(range(0, len(x), batch_size), desc="features", disable=not progress, leave=False)]
+    with train.inference_layout(model, x, dev) as fmt:
+        chunks = [model.features(x[i:i + batch_size].to(dev, memory_format=fmt)).cpu()
+                  for i in bar(range(0, len(x), batch_size), desc="features", disable=not progress, leave=False)]
     model.to("cpu")
     return torch.cat(chunks)
 

@@ -40,10 +40,11 @@ from .params import ParameterError, check_choice
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every BatchNorm that directly follows a Conv2d / Linear folded
-    into that layer's weights and bias (torch.fx's ``fuse``): the same outputs up to rounding."""
+    into that layer's weights and bias (torch.fx's ``fuse``): the same outputs up to rounding. One deep
+    copy (``fuse`` would make a second one of its own)."""
     from torch.fx.experimental.optimization import fuse
 
-    return fuse(copy.deepcopy(model).eval())
+    return fuse(copy.deepcopy(model).eval(), inplace=True)
 
 
 def prepare(model: nn.Module, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:

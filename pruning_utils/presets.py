@@ -302,7 +302,10 @@ CHAPTERS["dissection"] = (  # chapter 2, paper 001
 # --- chapter 6 (the criteria compared) ---
 _COMPARISON_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "mean_activation", "apoz", "random", "gain", "class_usage",
                         "causal", "iou")
-_COMPARISON_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "networks": ["lenet5", "resnet20", "resnet8"],
+# One thread, as chapters 1, 2, 4 and 5: `make book` runs two chapters side by side, and its many short
+# fine-tunes (batch 32) took 41% more CPU time per step on two threads than on one.
+_COMPARISON_DEFAULT = {**_COMMON_DEFAULT, "seeds": [0, 1, 2], "threads": 1,
+                       "networks": ["lenet5", "resnet20", "resnet8"],
                        "criteria": list(_COMPARISON_CRITERIA),
                        "resnet20_criteria": ["l1", "bn_scale", "taylor", "mean_activation", "random", "class_usage"],
                        "lenet_layers": ["conv1", "conv2", "conv3"], "layer_fractions": [0.5],

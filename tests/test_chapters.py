@@ -114,6 +114,47 @@ def test_runtimes_page_says_which_chapters_came_from_the_cache(tmp_path):
     assert (tmp_path / "runtimes.md").stat().st_mtime_ns == mtime  # unchanged text: the file is not touched
 
 
+def test_cell_profile_lists_the_slowest_code_cells_and_the_page_shows_them(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    cells = [new_markdown_cell("# t"), new_code_cell("# a comment\nx = train(P)"), new_code_cell("y = 1"),
+             new_code_cell("z = sweep(x) | 2")]
+    for cell, secs in zip(cells, (9.0, 120.04, 0.5, 30.0)):
+        cell.metadata["papermill"] = {"duration": secs}
+    nb_path = tmp_path / "nb.ipynb"
+    nbformat.write(new_notebook(cells=cells), nb_path)
+    slowest = chapters.cell_profile(nb_path, most=2)
+    assert slowest == [{"cell": 1, "seconds": 120.0, "code": "x = train(P)"},
+                       {"cell": 3, "seconds": 30.0, "code": "z = sweep(x) | 2"}]  # markdown never counts
+    runs = [chapters.Run("03_x", "x", 300.0, False, slowest=slowest)]
+    page = chapters.write_runtimes(tmp_path, "default", runs, wall=300.0).read_text()
+    assert "| 03_x | 1 | 120.0 | `x = train(P)` |" in page
+    assert "| 03_x | 3 | 30.0 | `z = sweep(x) \\| 2` |" in page  # a pipe would split the table's row
+
+
+def test_next_chapter_starts_the_longest_one_whose_producers_are_done():
+    reads = {"c": ("a",), "d": ("a", "b"), "e": ("a",)}
+    # a cold build: "c" is longest but reads "a", so "a" starts, then "b", which reads nothing
+    assert chapters.next_chapter(["c", "a", "b", "d"], {"a", "b", "c", "d"}, reads) == "a"
+    assert chapters.next_chapter(["c", "b", "d"], {"a", "b", "c", "d"}, reads) == "b"
+    # "a" done: "c" is free; "d" still waits for "b"
+    assert chapters.next_chapter(["d", "c"], {"b", "c", "d"}, reads) == "c"
+    # nothing free: the longest starts anyway and waits for what it reads
+    assert chapters.next_chapter(["d", "e"], {"a", "d", "e"}, reads) == "d"
+    # producers outside the build (cached, or not asked for) hold nothing up
+    assert chapters.next_chapter(["c"], {"c"}, reads) == "c"
+    with pytest.raises(ValueError, match="waiting"):
+        chapters.next_chapter([], set(), reads)
+
+
+def test_the_declared_reads_and_times_name_the_book_s_chapters():
+    stems = [p.stem for p in chapters.chapter_paths()]
+    assert set(chapters.EXPECTED_SECONDS) == set(stems)
+    for reader, producers in chapters.READS.items():
+        assert reader in stems and all(stems.index(p) < stems.index(reader) for p in producers)
+
+
 def test_build_runs_chapters_side_by_side_then_takes_them_from_the_cache(tmp_path):
     books = tmp_path / "notebooks"
     books.mkdir()

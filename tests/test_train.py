@@ -117,3 +117,20 @@ def test_input_shape_of_a_recipe_is_its_data_sets_padded_image():
     assert baselines.input_shape(baselines.recipe("lenet5", "default")) == (1, 32, 32)  # MNIST padded by 2
     assert baselines.input_shape(baselines.recipe("resnet20", "default")) == (1, 28, 28)  # Fashion-MNIST
     assert baselines.input_shape(baselines.recipe("resnet20", "full")) == (3, 32, 32)  # CIFAR-10
+
+
+@pytest.mark.parametrize("start", [torch.contiguous_format, torch.channels_last])
+def test_predict_runs_images_in_channels_last_and_gives_the_model_back_as_it_was(start):
+    from pruning_utils import models
+
+    torch.manual_seed(0)
+    net = models.CifarResNet(8, num_classes=3, in_channels=1, width=8).to(memory_format=start)
+    x = torch.randn(40, 1, 16, 16)
+    with torch.no_grad():
+        expected = net.eval()(x.contiguous())
+    out = train.predict(net, x, batch_size=16)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert train.layout(net) == start  # the layout it came in
+    assert not net.conv1.weight.is_inference()  # still trainable after an inference-mode pass
+    net.train()(x[:4]).sum().backward()
+    assert net.conv1.weight.grad is not None
