@@ -292,32 +292,33 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-def layout(model: nn.Module) -> torch.memory_format:
-    """The memory layout of ``model``'s convolution weights: that of its first 4-D weight that fits one
-    layout only (a 1x1 kernel or a single input channel fits both), else contiguous."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            cl, std = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
-            if cl != std:
-                return torch.channels_last if cl else torch.contiguous_format
-    return torch.contiguous_format
-
-
 @contextlib.contextmanager
 def inference_layout(model: nn.Module, x: torch.Tensor, device: torch.device):
     """Run the body with ``model`` in eval mode on ``device``, in channels_last when ``x`` holds images
     (oneDNN's faster layout on this CPU: ResNet-20 inference about 1.4x faster; the same function), and
-    yield the layout the inputs must take; the model's own layout is restored after."""
-    before = layout(model)
-    fmt = torch.channels_last if x.dim() == 4 else before
+    yield the layout the inputs must take. Every 4-D parameter, buffer and tensor attribute (pruning's
+    masks and masked weights included) gets its own tensor back after, so the model leaves exactly as it
+    came, whatever mix of layouts it had."""
     with torch.inference_mode(False), torch.no_grad():  # weights stay usable by autograd afterwards
-        model.eval().to(device, memory_format=fmt)
+        model.eval().to(device)
+    if x.dim() != 4:
+        yield torch.contiguous_format
+        return
+    params = [(p, p.data) for p in model.parameters() if p.dim() == 4]
+    buffers = [(m._buffers, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None and b.dim() == 4]
+    # plain tensor attributes too: torch's pruning keeps `weight` = orig * mask as one, set on each forward
+    buffers += [(vars(m), name, t) for m in model.modules() for name, t in vars(m).items()
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() == 4]
+    with torch.inference_mode(False), torch.no_grad():
+        model.to(memory_format=torch.channels_last)
     try:
-        yield fmt
+        yield torch.channels_last
     finally:
-        if fmt != before:
-            with torch.inference_mode(False), torch.no_grad():
-                model.to(memory_format=before)
+        for p, data in params:
+            p.data = data
+        for where, name, t in buffers:
+            where[name] = t
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:

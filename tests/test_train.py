@@ -119,18 +119,30 @@ def test_input_shape_of_a_recipe_is_its_data_sets_padded_image():
     assert baselines.input_shape(baselines.recipe("resnet20", "full")) == (3, 32, 32)  # CIFAR-10
 
 
-@pytest.mark.parametrize("start", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("start", ["contiguous", "channels_last", "mixed, pruned"])
 def test_predict_runs_images_in_channels_last_and_gives_the_model_back_as_it_was(start):
+    from torch.nn.utils import prune as torch_prune
+
     from pruning_utils import models
 
     torch.manual_seed(0)
-    net = models.CifarResNet(8, num_classes=3, in_channels=1, width=8).to(memory_format=start)
+    net = models.CifarResNet(8, num_classes=3, in_channels=1, width=8)
+    if start == "channels_last":
+        net = net.to(memory_format=torch.channels_last)
+    if start == "mixed, pruned":  # one stage in channels_last, masks (4-D buffers) on two convolutions
+        for conv in (net.layer1[0].conv1, net.layer2[0].conv2):
+            torch_prune.l1_unstructured(conv, "weight", amount=0.5)
+        net.layer2.to(memory_format=torch.channels_last)
+    strides = {k: v.stride() for k, v in [*net.named_parameters(), *net.named_buffers()]}
     x = torch.randn(40, 1, 16, 16)
     with torch.no_grad():
         expected = net.eval()(x.contiguous())
     out = train.predict(net, x, batch_size=16)
     assert torch.allclose(out, expected, atol=1e-5)
-    assert train.layout(net) == start  # the layout it came in
+    assert {k: v.stride() for k, v in [*net.named_parameters(), *net.named_buffers()]} == strides
+    if start == "mixed, pruned":  # the masked weight torch's pruning keeps as an attribute, as it was
+        assert net.layer1[0].conv1.weight.is_contiguous()
+        torch_prune.global_unstructured([(net.layer1[0].conv1, "weight")], torch_prune.L1Unstructured, amount=2)
     assert not net.conv1.weight.is_inference()  # still trainable after an inference-mode pass
     net.train()(x[:4]).sum().backward()
     assert net.conv1.weight.grad is not None
