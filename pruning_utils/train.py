@@ -317,11 +317,19 @@ def inference_layout(model: nn.Module, x: torch.Tensor, device: torch.device):
             p.data = data
         for where, name, t in buffers:
             where[name] = t
-        with torch.inference_mode(False), torch.no_grad():  # torch pruning's `weight` = orig * mask, as a
-            for m in model.modules():                        # forward in the model's own layouts sets it
-                for hook in list(m._forward_pre_hooks.values()):
-                    if isinstance(hook, torch_prune.BasePruningMethod):
-                        hook(m, None)
+        refresh_pruned_weights(model)
+
+
+def refresh_pruned_weights(model: nn.Module) -> None:
+    """Recompute torch pruning's masked weight attributes (``weight = weight_orig * weight_mask``) from
+    the parameters and masks as they are now, as the next forward pass would. Needed after a change of
+    memory layout: the attribute otherwise keeps the last forward pass's layout, and torch pruning's
+    ``global_unstructured`` fails on a channels_last ``weight`` (it flattens it with ``view``)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for m in model.modules():
+            for hook in list(m._forward_pre_hooks.values()):
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    hook(m, None)
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -413,6 +421,7 @@ def _fit(model, train, test, cfg, seed, device, progress, desc):
         pbar.set_postfix(test_acc=f"{history['test_acc'][-1]:.4f}")
     pbar.close()
     model.to("cpu", memory_format=torch.contiguous_format).eval()
+    refresh_pruned_weights(model)  # the masked weights of the last training step were channels_last
     return history
 
 

@@ -135,6 +135,21 @@ def test_run_trains_pruned_levels_and_caches(tmp_path):
     assert not cached and torch.equal(redone[2]["state"]["0.weight"], levels[2]["state"]["0.weight"])
 
 
+@pytest.mark.parametrize("structure", ["weights", "filters"])
+def test_three_rounds_of_a_resnet_trained_in_channels_last(structure):
+    """Chapter 2's set-up at toy size: every round after the first prunes weights that were trained in
+    channels_last and then evaluated, so a stale layout anywhere (training, inference) fails here."""
+    torch.manual_seed(0)
+    x = torch.rand(48, 3, 16, 16)
+    split = data.Split(x, (x[:, 0].mean((1, 2)) > 0.5).long(), ("a", "b"), "toy")
+    build = functools.partial(models.CifarResNet, 8, num_classes=2, width=8)
+    cfg = imp.IMPConfig(rounds=3, structure=structure, rewind_epochs=1,
+                        train=train.TrainConfig(epochs=1, batch_size=16, lr=0.05, channels_last=True))
+    levels = imp.run(build, split, split, cfg, seed=0, device="cpu", progress=False)
+    remaining = [lv["weights_remaining"] for lv in levels]
+    assert len(levels) == 4 and all(a > b for a, b in zip(remaining, remaining[1:]))
+
+
 def test_run_many_in_two_processes_equals_runs_here_and_then_loads_from_the_cache(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x = torch.rand(48, 3, 8, 8)

@@ -150,3 +150,26 @@ def test_predict_runs_images_in_channels_last_and_gives_the_model_back_as_it_was
     assert not net.conv1.weight.is_inference()  # still trainable after an inference-mode pass
     net.train()(x[:4]).sum().backward()
     assert net.conv1.weight.grad is not None
+
+
+def test_fit_leaves_pruned_weights_that_torch_pruning_can_prune_again():
+    """Training in channels_last leaves torch pruning's masked `weight` attribute in that layout; `fit`
+    recomputes it, so the next global pruning (which flattens it with `view`) works with no
+    evaluation in between, as chapter 2's IMP rounds need."""
+    from torch.nn.utils import prune as torch_prune
+
+    from pruning_utils import models
+
+    torch.manual_seed(0)
+    net = models.CifarResNet(8, num_classes=3, in_channels=1, width=8)
+    convs = [(m, "weight") for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    torch_prune.global_unstructured(convs, torch_prune.L1Unstructured, amount=0.3)
+    split = data.Split(torch.rand(32, 1, 16, 16), torch.randint(0, 3, (32,)), ("a", "b", "c"), "noise")
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, channels_last=True, threads=1)
+    train.fit(net, split, None, cfg, progress=False)
+    for m, _ in convs:
+        assert m.weight.is_contiguous()
+        assert torch.equal(m.weight, m.weight_orig * m.weight_mask)
+    torch_prune.global_unstructured(convs, torch_prune.L1Unstructured, amount=0.5)
+    assert sum(int(m.weight_mask.eq(0).sum()) for m, _ in convs) >= 0.5 * sum(m.weight.numel()
+                                                                               for m, _ in convs)
