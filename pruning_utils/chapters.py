@@ -62,8 +62,11 @@ PACKAGE = Path(__file__).resolve().parent
 SIZES = ("smoke", "default", "full")
 KERNEL = "python3"
 CACHE_FORMAT = 3  # bump when the stored layout or the normalisation changes
-# Not part of the key: how idle OpenMP threads wait changes the time taken when processes share cores,
-# never a result.
+# Not part of the key: how idle OpenMP threads wait changes the time taken, never a result. When
+# processes share the cores (chapters side by side, the test streams, sweeps), spinning threads wait out
+# each other's time slices: two 2-thread ResNet-20 trainings on 2 cores took 1.40 s a step each with
+# libgomp's default and 0.86 s with PASSIVE; alone, PASSIVE costs a 2-thread training 24% (0.59 s against
+# 0.48 s). A build of one chapter at a time (jobs=1) keeps the default.
 _SCHEDULING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _ENV_LOCK = threading.Lock()
 
@@ -79,8 +82,8 @@ READS: dict[str, tuple[str, ...]] = {
 }
 # Seconds of each chapter in a cold build at the default size on 2 cores, two side by side (the run-time
 # page of a cold `make book`): the order of a build before the cache has a time of its own.
-EXPECTED_SECONDS = {"00_baselines": 400, "01_decision_tree_pruning": 155, "02_dissecting_pruned_networks": 480,
-                    "03_class_specific_filters": 570, "04_neuron_merging": 195, "05_causal_pruning": 165,
+EXPECTED_SECONDS = {"00_baselines": 505, "01_decision_tree_pruning": 185, "02_dissecting_pruned_networks": 490,
+                    "03_class_specific_filters": 550, "04_neuron_merging": 215, "05_causal_pruning": 185,
                     "06_comparing_criteria": 315}
 
 
@@ -395,11 +398,14 @@ def _kernel_env(extra: dict[str, str]):
                     os.environ[k] = v
 
 
-def _execute(path: Path, out: Path, parameters: dict, deps_log: Path | None) -> tuple[float, list[dict]]:
-    """Execute with papermill; return the seconds taken and the slowest cells (:func:`cell_profile`)."""
+def _execute(path: Path, out: Path, parameters: dict, deps_log: Path | None,
+             shared_cores: bool = True) -> tuple[float, list[dict]]:
+    """Execute with papermill; return the seconds taken and the slowest cells (:func:`cell_profile`).
+    ``shared_cores``: other processes may run beside it (idle OpenMP threads then sleep, see
+    ``_SCHEDULING_ENV``)."""
     import papermill as pm
 
-    env = {**runtime.fixed_env(), **_SCHEDULING_ENV}
+    env = {**runtime.fixed_env(), **(_SCHEDULING_ENV if shared_cores else {})}
     if deps_log is not None:
         from .train import DEPS_LOG
 
@@ -425,11 +431,11 @@ def run_chapter(path: Path, out_dir: Path, size: str, extra: dict | None = None)
 
 
 def execute(path: Path, out_dir: Path, parameters: dict, *, cache: Path | None = None,
-            force: bool = False, state: Lookup | None = None) -> Run:
+            force: bool = False, state: Lookup | None = None, shared_cores: bool = True) -> Run:
     """Execute notebook ``path`` with ``parameters`` into ``out_dir``, or restore it from the execution
     cache (``cache``; None: :func:`executed_cache_dir`) when its key and checkpoints match. ``force``
     executes anyway and refreshes the entry. Raises papermill's error if the notebook fails (a failed
-    run is never stored)."""
+    run is never stored). ``shared_cores``: other processes may run beside it (time only)."""
     path, out_dir = Path(path), Path(out_dir)
     cache = executed_cache_dir() if cache is None else Path(cache)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -445,7 +451,7 @@ def execute(path: Path, out_dir: Path, parameters: dict, *, cache: Path | None =
     fd, log = tempfile.mkstemp(prefix=f"deps-{path.stem}-", suffix=".jsonl")
     os.close(fd)
     try:
-        seconds, slowest = _execute(path, out, parameters, Path(log))
+        seconds, slowest = _execute(path, out, parameters, Path(log), shared_cores)
         with contextlib.suppress(OSError):
             store(path.stem, key, parts, out, seconds, _read_deps(Path(log)), cache, slowest)
     finally:
@@ -453,11 +459,12 @@ def execute(path: Path, out_dir: Path, parameters: dict, *, cache: Path | None =
     return Run(path.stem, str(out), seconds, False, key, slowest=slowest)
 
 
-def _execute_or_error(path: Path, out_dir: Path, parameters: dict, cache: Path, force: bool) -> Run:
+def _execute_or_error(path: Path, out_dir: Path, parameters: dict, cache: Path, force: bool,
+                      shared_cores: bool = True) -> Run:
     """:func:`execute`, with a failure returned as a :class:`Run` holding the error (for worker pools)."""
     start = time.perf_counter()
     try:
-        return execute(path, out_dir, parameters, cache=cache, force=force)
+        return execute(path, out_dir, parameters, cache=cache, force=force, shared_cores=shared_cores)
     except Exception as err:  # noqa: BLE001 - reported with the chapter's name, the build goes on
         return Run(Path(path).stem, str(Path(out_dir) / Path(path).name), time.perf_counter() - start, False,
                    error=error_text(err))
@@ -528,7 +535,7 @@ def _run_all(paths, out_dir, params, cache, force, jobs, log):
         while waiting:
             p = waiting.pop(next_chapter(list(waiting), set(waiting)))
             log(f"{p.stem}: executing at size={params['size']} ...")
-            run = _execute_or_error(p, out_dir, params, cache, force)
+            run = _execute_or_error(p, out_dir, params, cache, force, shared_cores=False)
             log(_done(run))
             yield run
         return

@@ -5,6 +5,7 @@ A tiny deterministic notebook (tests/notebooks/probe.ipynb) stands in for a chap
 execution takes seconds.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -214,3 +215,31 @@ def test_data_fingerprint_does_not_change_when_the_data_folder_is_created_empty(
     (root / "MNIST").mkdir()
     (root / "MNIST" / "train.gz").write_bytes(b"downloaded")
     assert chapters.data_fingerprint() != before  # a download is data
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_idle_openmp_threads_sleep_only_when_processes_share_the_cores(tmp_path, monkeypatch, shared):
+    seen = {}
+
+    def fake_execute(src, out, **kw):
+        seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        seen["dynamic"] = os.environ.get("OMP_DYNAMIC")
+        Path(out).write_text(Path(src).read_text())
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    chapters._execute(PROBE, tmp_path / "x.ipynb", {}, None, shared_cores=shared)
+    assert seen == {"policy": "PASSIVE" if shared else None, "dynamic": "FALSE"}
+    assert "OMP_WAIT_POLICY" not in os.environ  # restored after the run
+
+
+def test_a_build_of_one_chapter_at_a_time_keeps_openmp_spinning(tmp_path, monkeypatch):
+    calls = []
+    def record(p, *args, shared_cores=True):
+        calls.append(shared_cores)
+        return chapters.Run(p.stem, "", 1.0, False)
+
+    monkeypatch.setattr(chapters, "_execute_or_error", record)
+    paths = chapters.chapter_paths()[:2]
+    list(chapters._run_all(paths, tmp_path, {"size": "smoke"}, tmp_path, False, 1, lambda _: None))
+    assert calls == [False, False]
