@@ -365,6 +365,11 @@ def backdoor_estimate(frame: pd.DataFrame, treatment: str, outcome: str, common_
         model = CausalModel(data=frame[[*common_causes, treatment, outcome]], treatment=treatment,
                             outcome=outcome, graph=nx.DiGraph(edges))
         estimand = model.identify_effect(proceed_when_unidentifiable=True, method_name="maximal-adjustment")
+        # DoWhy collects the adjustment set in a Python set, so the design matrix's column order (and with it
+        # the last bits of the regression) followed the process's string-hash seed: put it in the frame's order
+        order = {name: i for i, name in enumerate(common_causes)}
+        for key, names in (estimand.backdoor_variables or {}).items():
+            estimand.backdoor_variables[key] = sorted(names, key=lambda v: (order.get(v, len(order)), v))
         est = model.estimate_effect(estimand, method_name="backdoor.linear_regression", confidence_intervals=True)
         lo, hi = np.asarray(est.get_confidence_intervals(confidence_level=level), dtype=float).ravel()[:2]
         res = {"estimate": float(est.value), "lo": float(lo), "hi": float(hi)}

@@ -293,3 +293,21 @@ def test_dowhy_leaves_a_notebooks_number_formatting_alone():
             "import dowhy.causal_model\nimportlib.reload(dowhy.causal_model)\nprint(len(calls))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["0", "1"]  # not called through the chapter; called by a plain import
+
+
+def test_dowhy_estimates_do_not_depend_on_the_processs_string_hash_seed():
+    """DoWhy gathers the adjustment set in a Python set, whose order follows PYTHONHASHSEED, and the
+    regression's last bits follow the column order: two kernels gave chapter 5 different numbers. The
+    estimate, its interval and the refuters must be bit-identical under any hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np, pandas as pd\nfrom pruning_utils import causal\n"
+            "rng = np.random.default_rng(0)\nd = {f'w{i}': rng.random(300) for i in range(12)}\n"
+            "d['t'] = rng.random(300) + d['w1']\nd['y'] = 2 * d['t'] + d['w0'] + rng.normal(size=300)\n"
+            "print(json.dumps(causal.backdoor_estimate(pd.DataFrame(d), 't', 'y', [f'w{i}' for i in range(12)],"
+            " causal.REFUTERS, simulations=2)))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "5")}
+    assert len(outs) == 1, outs
