@@ -135,10 +135,10 @@ CHAPTERS["class_filters"] = (  # chapter 3, paper 002
                               int, lo=100, optional=True),
     },
     {
-        "smoke": {**_CLASS_FILTERS_DEFAULT, "seeds": [0, 1], "max_images": 1000, "max_test_images": 1000,
+        "smoke": {**_CLASS_FILTERS_DEFAULT, "seeds": [0, 1], "max_images": 500, "max_test_images": 1000,
                   "k1_values": [1, 3, 5, 8, 64], "k2_values": [1, 3, 5, 8, 64], "random_seeds": 2,
-                  "bootstrap": 200, "depths": [8, 20], "depth_seeds": [0], "depth_train_images": 2048,
-                  "depth_images": 500},
+                  "bootstrap": 200, "depths": [8, 14], "depth_seeds": [0], "depth_train_images": 2048,
+                  "depth_epochs": 1, "depth_batch_size": 32, "depth_images": 500},
         "default": _CLASS_FILTERS_DEFAULT,
         "full": {**_CLASS_FILTERS_DEFAULT, "download": True, "dataset": "cifar10", "max_images": None,
                  "depths": [8, 14, 20, 32, 56], "depth_seeds": [0, 1, 2], "depth_train_images": None,
